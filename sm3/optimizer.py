@@ -1,0 +1,273 @@
+"""SM3-II (Anil, Gupta, Koren, Singer, 2019) as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = ["SM3"]
+
+# Rows of a large parameter are processed in chunks of about this many elements, so that
+# the workspace and the gradient chunk stay in the L2 cache while we make several passes.
+_CHUNK_ELEMENTS = 1 << 16
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    # 1e-30 and squared gradients underflow in half precision: keep statistics in float32.
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class SM3(Optimizer):
+    r"""SM3-II: Adagrad-like adaptive steps with one accumulator per tensor dimension.
+
+    For a parameter of shape ``(n_1, ..., n_k)``, ``k >= 2``, the second-moment state is the
+    ``k`` vectors ``a_1 .. a_k`` (``n_1 + ... + n_k`` numbers). Each step, with
+    ``g`` the gradient (negated when ``maximize``)::
+
+        nu[i_1..i_k] = beta * min_r a_r[i_r] + (1 - beta) * g[i_1..i_k]**2   # beta = 0: plain sum
+        a_r[j]       = max { nu[i_1..i_k] : i_r = j }                        # overwritten
+        u            = g / sqrt(nu + eps)
+        m            = momentum * m + (1 - momentum) * u                     # only if momentum > 0
+        p            = p - lr * weight_decay * p - lr * (m if momentum > 0 else u)
+
+    (with ``beta = 0`` the first line reads ``min_r a_r[i_r] + g**2``). Parameters of rank 0
+    and 1 keep one full-size accumulator: ``acc = beta * acc + (1 - beta) * g**2`` (plain
+    ``acc += g**2`` when ``beta = 0``), i.e. diagonal Adagrad, and ``nu = acc``.
+
+    These are the semantics of the original TensorFlow SM3-II (google-research ``sm3``);
+    ``beta > 0`` is the exponential moving average its README describes.
+
+    Sparse gradients (``nn.Embedding(sparse=True)``) follow the original's sparse path:
+    duplicate indices are summed, only the first-dimension accumulator is read and written,
+    and only for the rows present, so absent rows keep their accumulator and their values.
+    Momentum is **not** applied to sparse updates, and decoupled weight decay touches only
+    the rows present.
+
+    State per parameter (``optimizer.state[p]``): ``step`` (float32 scalar tensor);
+    ``accumulator`` (same shape as ``p``) for rank <= 1, else ``accumulator_0`` ..
+    ``accumulator_{k-1}`` (1-D, length ``n_r``); ``momentum_buffer`` (shape of ``p``) only
+    when ``momentum > 0`` and a dense gradient has been seen. Statistics of float16/bfloat16
+    parameters are kept in float32; all arithmetic of a step is done in the statistics dtype.
+
+    Args:
+        params: parameters or parameter groups (every hyperparameter may differ per group).
+        lr: learning rate (default 0.1).
+        momentum: heavy-ball coefficient in [0, 1); 0 allocates no buffer (default 0).
+        beta: 0 accumulates squared gradients (the paper's best setting); in (0, 1) an
+            exponential moving average (default 0).
+        eps: added to ``nu`` before the square root (default 1e-30).
+        weight_decay: decoupled weight decay, as AdamW: ``p -= lr * weight_decay * p``.
+        maximize: maximize the objective instead of minimizing it.
+        foreach: accepted for compatibility with ``torch.optim`` and ignored. The step
+            works parameter by parameter, in place, on cache-sized row chunks with one
+            reused workspace: on CPU this measured about 2x faster than grouping
+            parameters by shape into ``torch._foreach_*`` calls, and it never materialises
+            temporaries for all parameters at once.
+    """
+
+    def __init__(
+        self,
+        params,
+        lr: float | Tensor = 0.1,
+        momentum: float = 0.0,
+        beta: float = 0.0,
+        eps: float = 1e-30,
+        *,
+        weight_decay: float = 0.0,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+    ):
+        if isinstance(lr, Tensor) and lr.numel() != 1:
+            raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+        if not 0.0 <= lr:
+            raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"Invalid momentum: {momentum} (must be in [0, 1))")
+        if not 0.0 <= beta < 1.0:
+            raise ValueError(f"Invalid beta: {beta} (must be in [0, 1))")
+        if not 0.0 <= eps:
+            raise ValueError(f"Invalid eps: {eps} (must be >= 0)")
+        if not 0.0 <= weight_decay:
+            raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        defaults = dict(
+            lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay,
+            maximize=maximize, foreach=foreach,
+        )
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        for p in self.param_groups[-1]["params"]:
+            if torch.is_complex(p):
+                raise ValueError(
+                    "SM3 does not support complex parameters: view them as real "
+                    "with torch.view_as_real and optimize that instead"
+                )
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs a single optimization step.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        workspaces: dict = {}
+        for group in self.param_groups:
+            lr = float(group["lr"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    _init_state(p, state)
+                state["step"] += 1
+                if p.grad.is_sparse:
+                    _sparse_step(p, p.grad, state, lr, group)
+                else:
+                    if group["momentum"] > 0 and "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    _dense_step(p, p.grad, state, lr, group, workspaces)
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # torch casts floating-point state to the parameter's dtype on load; our float32
+        # statistics of half-precision parameters must keep their dtype to resume exactly.
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        saved_state = state_dict["state"]
+        super().load_state_dict(state_dict)
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in saved_state.get(saved_id, {}).items():
+                if isinstance(value, Tensor) and key != "step":
+                    self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def _init_state(p: Tensor, state: dict) -> None:
+    state["step"] = torch.tensor(0.0)
+    dtype = _stats_dtype(p.dtype)
+    if p.dim() <= 1:
+        state["accumulator"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+    else:
+        for r, n in enumerate(p.shape):
+            state[f"accumulator_{r}"] = torch.zeros(n, dtype=dtype, device=p.device)
+
+
+def _accumulators(p: Tensor, state: dict) -> list[Tensor]:
+    if p.dim() <= 1:
+        return [state["accumulator"]]
+    return [state[f"accumulator_{r}"] for r in range(p.dim())]
+
+
+def _workspace(workspaces: dict, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    key = (dtype, device)
+    buf = workspaces.get(key)
+    if buf is None or buf.numel() < numel:
+        buf = workspaces[key] = torch.empty(numel, dtype=dtype, device=device)
+    return buf[:numel]
+
+
+def _dense_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict, workspaces: dict) -> None:
+    """In-place SM3 step for a dense gradient, in row chunks of dimension 0."""
+    momentum, beta, eps = group["momentum"], group["beta"], group["eps"]
+    decay = 1.0 - lr * group["weight_decay"]
+    maximize = group["maximize"]
+    accs = _accumulators(p, state)
+    buf = state.get("momentum_buffer")
+    dtype = accs[0].dtype
+    rank = p.dim()
+    # Flatten rank 0/1 to (n, 1) rows; keep higher ranks as they are, chunking dimension 0.
+    shape = (p.numel(), 1) if rank <= 1 else tuple(p.shape)
+    param, grad = p.view(shape), grad.reshape(shape)
+    if buf is not None:
+        buf = buf.view(shape)
+    if rank <= 1:
+        acc = accs[0].view(shape)
+    else:
+        views = [a.view([-1 if r == i else 1 for r in range(rank)]) for i, a in enumerate(accs)]
+        # New values of a_2..a_k are maxima over all chunks; a_1 is written chunk by chunk.
+        new_accs = [torch.zeros_like(a) for a in accs[1:]]
+        other_dims = [tuple(d for d in range(rank) if d != i) for i in range(rank)]
+    row = max(1, param[0].numel())
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // row)
+    ws = _workspace(workspaces, min(shape[0], rows_per_chunk) * row, dtype, p.device)
+
+    for start in range(0, shape[0], rows_per_chunk):
+        stop = min(start + rows_per_chunk, shape[0])
+        g = grad[start:stop].to(dtype)
+        nu = ws[: g.numel()].view(g.shape)
+        if rank <= 1:
+            a = acc[start:stop]
+            if beta:
+                a.mul_(beta).addcmul_(g, g, value=1.0 - beta)
+            else:
+                a.addcmul_(g, g)
+            nu.copy_(a)
+        else:
+            if rank == 2:
+                torch.minimum(views[0][start:stop], views[1], out=nu)
+            else:
+                nu.copy_(views[0][start:stop].expand_as(nu))
+                for v in views[1:]:
+                    torch.minimum(nu, v, out=nu)
+            if beta:
+                nu.mul_(beta).addcmul_(g, g, value=1.0 - beta)
+            else:
+                nu.addcmul_(g, g)
+            torch.amax(nu, dim=other_dims[0], out=accs[0][start:stop])
+            for i, new in enumerate(new_accs, start=1):
+                torch.maximum(new, torch.amax(nu, dim=other_dims[i]), out=new)
+        update = nu.add_(eps).rsqrt_().mul_(g)  # g / sqrt(nu + eps), in the workspace
+        if maximize:
+            update.neg_()
+        if buf is not None:
+            m = buf[start:stop]
+            if m.dtype == dtype:
+                m.mul_(momentum).add_(update, alpha=1.0 - momentum)
+                update = m
+            else:
+                update = m.to(dtype).mul_(momentum).add_(update, alpha=1.0 - momentum)
+                m.copy_(update)
+        x = param[start:stop]
+        if x.dtype == dtype:
+            if decay != 1.0:
+                x.mul_(decay)
+            x.add_(update, alpha=-lr)
+        else:
+            x32 = x.to(dtype)
+            if decay != 1.0:
+                x32.mul_(decay)
+            x.copy_(x32.add_(update, alpha=-lr))
+    if rank > 1:
+        for a, new in zip(accs[1:], new_accs):
+            a.copy_(new)
+
+
+def _sparse_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict) -> None:
+    """The original's sparse path: only rows present, only the first-dimension accumulator."""
+    if grad.sparse_dim() != 1:
+        raise ValueError(
+            f"SM3 supports sparse gradients with one sparse dimension (as from nn.Embedding), "
+            f"got sparse_dim={grad.sparse_dim()}; densify the gradient with .to_dense()"
+        )
+    beta, eps = group["beta"], group["eps"]
+    acc = state["accumulator" if p.dim() <= 1 else "accumulator_0"]
+    grad = grad.coalesce()  # sums duplicate indices
+    index = grad.indices()[0]
+    g = grad.values().to(acc.dtype)
+    rows = acc.index_select(0, index).view([-1] + [1] * (g.dim() - 1))
+    nu = rows * beta + (1.0 - beta) * g * g if beta else rows + g * g
+    acc.index_copy_(0, index, nu.amax(dim=tuple(range(1, nu.dim()))) if nu.dim() > 1 else nu)
+    update = g * torch.rsqrt(nu + eps)
+    if group["maximize"]:
+        update.neg_()
+    x = p.index_select(0, index).to(acc.dtype)
+    if group["weight_decay"]:
+        x.mul_(1.0 - lr * group["weight_decay"])
+    p.index_copy_(0, index, x.add_(update, alpha=-lr).to(p.dtype))
