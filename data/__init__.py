@@ -1,0 +1,15 @@
+"""Translation data for the SM3 experiments: corpora, SentencePiece, token-budget batches.
+
+    from data import DataConfig, load_translation_data
+    td = load_translation_data(DataConfig(), seed=0)
+    for batch in td.batches("train", epoch=0):
+        ...
+"""
+
+from .batching import Batch
+from .corpus import DataError
+from .tokenizer import Tokenizer
+from .translation import DataConfig, TranslationData, load_translation_data
+
+__all__ = ["Batch", "DataConfig", "DataError", "Tokenizer", "TranslationData",
+           "load_translation_data"]
