@@ -8,6 +8,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from sm3 import _fused
+
 __all__ = ["SM3"]
 
 # Rows of a large parameter are processed in chunks of about this many elements, so that
@@ -62,11 +64,23 @@ class SM3(Optimizer):
         eps: added to ``nu`` before the square root (default 1e-30).
         weight_decay: decoupled weight decay, as AdamW: ``p -= lr * weight_decay * p``.
         maximize: maximize the objective instead of minimizing it.
-        foreach: accepted for compatibility with ``torch.optim`` and ignored. The step
-            works parameter by parameter, in place, on cache-sized row chunks with one
+        foreach: accepted for compatibility with ``torch.optim`` and ignored. The default
+            path works parameter by parameter, in place, on cache-sized row chunks with one
             reused workspace: on CPU this measured about 2x faster than grouping
             parameters by shape into ``torch._foreach_*`` calls, and it never materialises
             temporaries for all parameters at once.
+        fused: ``True`` steps each parameter in one pass over memory (nu, accumulator
+            maxima, momentum and update together): a C++/OpenMP kernel on CPU, built once
+            per machine on first use and cached in torch's extension directory, and a
+            Triton kernel on CUDA. ``None`` (default) does the same wherever it is
+            available; ``False`` forces the default path. A parameter still takes the
+            default path when its gradient is sparse, its dtype is not float32, bfloat16 or
+            float16, it is not contiguous, it lives on a device other than CPU/CUDA, it is a
+            CUDA tensor of rank >= 3 or Triton is missing, or the CPU kernel cannot be built
+            (no compiler: one warning, then the default path). The fused path agrees with
+            the default path to float32 rounding.
+        momentum_dtype: dtype of ``momentum_buffer`` (default: the parameter's dtype);
+            ``torch.bfloat16`` halves its memory. Arithmetic stays in the statistics dtype.
     """
 
     def __init__(
@@ -80,6 +94,8 @@ class SM3(Optimizer):
         weight_decay: float = 0.0,
         maximize: bool = False,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+        momentum_dtype: Optional[torch.dtype] = None,
     ):
         if isinstance(lr, Tensor) and lr.numel() != 1:
             raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
@@ -93,9 +109,13 @@ class SM3(Optimizer):
             raise ValueError(f"Invalid eps: {eps} (must be >= 0)")
         if not 0.0 <= weight_decay:
             raise ValueError(f"Invalid weight_decay: {weight_decay} (must be >= 0)")
+        if momentum_dtype is not None and not (
+            isinstance(momentum_dtype, torch.dtype) and momentum_dtype.is_floating_point
+        ):
+            raise ValueError(f"Invalid momentum_dtype: {momentum_dtype} (must be a floating-point torch.dtype)")
         defaults = dict(
             lr=lr, momentum=momentum, beta=beta, eps=eps, weight_decay=weight_decay,
-            maximize=maximize, foreach=foreach,
+            maximize=maximize, foreach=foreach, fused=fused, momentum_dtype=momentum_dtype,
         )
         super().__init__(params, defaults)
 
@@ -121,7 +141,9 @@ class SM3(Optimizer):
                 loss = closure()
         workspaces: dict = {}
         for group in self.param_groups:
-            lr = float(group["lr"])
+            lr = group["lr"]
+            fused, momentum_dtype = group.get("fused"), group.get("momentum_dtype")
+            batches: dict = {}  # device -> (params, grads, accumulators, momentum buffers)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -130,11 +152,27 @@ class SM3(Optimizer):
                     _init_state(p, state)
                 state["step"] += 1
                 if p.grad.is_sparse:
-                    _sparse_step(p, p.grad, state, lr, group)
+                    _sparse_step(p, p.grad, state, float(lr), group)
+                    continue
+                if group["momentum"] > 0 and "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(
+                        p, dtype=momentum_dtype or p.dtype, memory_format=torch.preserve_format
+                    )
+                if fused is not False and _fused.supports(p, p.grad, momentum_dtype):
+                    batch = batches.setdefault(p.device, ([], [], [], []))
+                    batch[0].append(p)
+                    batch[1].append(p.grad)
+                    batch[2].extend(_accumulators(p, state))
+                    if "momentum_buffer" in state:
+                        batch[3].append(state["momentum_buffer"])
                 else:
-                    if group["momentum"] > 0 and "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    _dense_step(p, p.grad, state, lr, group, workspaces)
+                    _dense_step(p, p.grad, state, float(lr), group, workspaces)
+            for params, grads, accs, buffers in batches.values():
+                _fused.fused_step_(
+                    params, grads, accs, buffers, lr if isinstance(lr, float) else float(lr),
+                    group["momentum"], group["beta"], group["eps"], group["weight_decay"],
+                    group["maximize"],
+                )
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
