@@ -1,0 +1,132 @@
+"""The fused SM3 step: one pass over (grad, param[, momentum]) per parameter.
+
+CPU: a C++/OpenMP kernel (``sm3/csrc/sm3_fused.cpp``) built on first use with
+``torch.utils.cpp_extension.load`` and cached in torch's extension directory, so it is
+compiled once per machine. CUDA: a Triton kernel (``sm3/_triton.py``), compiled by Triton once
+per dtype combination. Both sit behind one custom op, ``sm3::fused_step_``, so that
+``torch.compile`` traces ``optimizer.step()`` without graph breaks. The learning rate and the
+other hyperparameters are runtime arguments: changing them never triggers a rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+_CSRC = Path(__file__).parent / "csrc"
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+_native = None
+_native_failed = False
+builds = 0  # extension loads in this process; tests check that steps never add to it
+
+
+def _cpu_tag() -> str:
+    """A short fingerprint of this CPU: the kernel is built with -march=native."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features", "model name")):
+                    flags += line
+    except OSError:
+        pass
+    return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:10]
+
+
+def native_extension():
+    """The compiled CPU kernel module, or None (with one warning) when it cannot be built."""
+    global _native, _native_failed, builds
+    if _native is None and not _native_failed:
+        try:
+            if os.environ.get("SM3_DISABLE_NATIVE"):
+                raise RuntimeError("SM3_DISABLE_NATIVE is set")
+            from torch.utils.cpp_extension import load
+
+            _native = load(
+                name=f"sm3_fused_cpu_{_cpu_tag()}",
+                sources=[str(_CSRC / "sm3_fused.cpp")],
+                extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                verbose=False,
+            )
+            builds += 1
+        except Exception as error:  # no compiler, no headers, a failed build
+            _native_failed = True
+            reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+            warnings.warn(
+                f"SM3: the fused CPU kernel could not be built ({reason[:200]}); "
+                "using the default (unfused) path",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _native
+
+
+@torch.compiler.assume_constant_result
+def native_available() -> bool:
+    return native_extension() is not None
+
+
+@torch.compiler.assume_constant_result
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def supports(p: Tensor, grad: Tensor, momentum_dtype: torch.dtype | None) -> bool:
+    """Whether the fused kernel can step this parameter; otherwise the default path does."""
+    if grad.is_sparse or p.dtype not in _DTYPES or grad.dtype != p.dtype or not p.is_contiguous():
+        return False
+    if momentum_dtype is not None and momentum_dtype not in _DTYPES:
+        return False
+    if p.device.type == "cpu":
+        return native_available()
+    if p.device.type == "cuda":
+        return p.dim() <= 2 and triton_available()
+    return False
+
+
+@torch.library.custom_op(
+    "sm3::fused_step_", mutates_args=("params", "accumulators", "momentum_buffers")
+)
+def fused_step_(
+    params: list[Tensor],
+    grads: list[Tensor],
+    accumulators: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: float,
+    momentum: float,
+    beta: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """One SM3 step for parameters on one device. ``accumulators`` lists, parameter after
+    parameter, ``accumulator`` (rank <= 1) or ``accumulator_0 .. accumulator_{k-1}``;
+    ``momentum_buffers`` is empty (momentum 0) or has one buffer per parameter."""
+    if not params:
+        return
+    grads = [g.contiguous() for g in grads]
+    if params[0].device.type == "cuda":
+        from sm3 import _triton
+
+        _triton.fused_step(params, grads, accumulators, momentum_buffers, lr, momentum, beta, eps,
+                           weight_decay, maximize)
+    else:
+        native_extension().fused_step(params, grads, accumulators, momentum_buffers, lr, momentum,
+                                      beta, eps, weight_decay, maximize)
+
+
+@fused_step_.register_fake
+def _(params, grads, accumulators, momentum_buffers, lr, momentum, beta, eps, weight_decay, maximize):
+    return None
