@@ -5,8 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import io
 import os
-import tempfile
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -93,19 +93,21 @@ def train_or_load_tokenizer(texts: Sequence[str], cache_dir: str, vocab_size: in
 
     global train_count
     directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        text_file = os.path.join(tmp, "train.txt")
-        with open(text_file, "w", encoding="utf-8") as f:
-            f.write("\n".join(texts) + "\n")
-        prefix = os.path.join(tmp, "spm")
-        spm.set_random_generator_seed(0)
-        try:
-            spm.SentencePieceTrainer.train(input=text_file, model_prefix=prefix, **options)
-        except RuntimeError as e:
-            raise DataError(f"SentencePiece training failed: {e}") from None
-        train_count += 1
-        # Rename into place so a concurrent process never loads half a model.
-        os.replace(prefix + ".model", model_path)
+    # Training from an iterator into memory keeps file paths out of the model proto,
+    # so the same text and options give byte-identical model files anywhere.
+    model = io.BytesIO()
+    spm.set_random_generator_seed(0)
+    try:
+        spm.SentencePieceTrainer.train(sentence_iterator=iter(texts), model_writer=model,
+                                       **options)
+    except RuntimeError as e:
+        raise DataError(f"SentencePiece training failed: {e}") from None
+    train_count += 1
+    # Write then rename so a concurrent process never loads half a model.
+    tmp = f"{model_path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(model.getvalue())
+    os.replace(tmp, model_path)
     logger.info("trained %s SentencePiece model (vocab %d) on %d sentences -> %s",
                 model_type, vocab_size, len(texts), model_path)
     return Tokenizer(str(model_path))
