@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
-import io
 import os
+import random
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -16,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
+MAX_TRAINING_SENTENCES = 2_000_000
 
 # How many SentencePiece models this process has trained (tests use it to check caching).
 train_count = 0
@@ -79,6 +81,9 @@ def train_or_load_tokenizer(texts: Sequence[str], cache_dir: str, vocab_size: in
     texts = [t for t in texts if t]
     if not texts:
         raise DataError("no training text for the tokenizer (the train split is empty)")
+    if len(texts) > MAX_TRAINING_SENTENCES:
+        # Big corpora (WMT): a fixed random sample, chosen by us so training stays deterministic.
+        texts = random.Random(0).sample(texts, MAX_TRAINING_SENTENCES)
     options = _options_for(vocab_size, model_type)
     digest = hashlib.sha256()
     digest.update(json.dumps({"sentencepiece": spm.__version__, **options},

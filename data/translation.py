@@ -156,11 +156,16 @@ def load_translation_data(cfg: Any, seed: int = 0) -> TranslationData:
         split_sources, split_targets = corpus[split]
         source_ids = tokenizer.encode_batch(split_sources)
         target_ids = tokenizer.encode_batch(split_targets)
-        keep = [i for i in range(len(split_sources))
+        # Text such as a lone zero-width space normalises to no tokens at all.
+        nonempty = [i for i in range(len(split_sources)) if source_ids[i] and target_ids[i]]
+        if len(nonempty) < len(split_sources):
+            logger.info("%s: dropped %d pairs with no tokens after normalisation", split,
+                        len(split_sources) - len(nonempty))
+        keep = [i for i in nonempty
                 if len(source_ids[i]) + 1 <= cfg.max_len and len(target_ids[i]) + 1 <= cfg.max_len]
-        if len(keep) < len(split_sources):
+        if len(keep) < len(nonempty):
             logger.info("%s: dropped %d of %d pairs longer than max_len=%d tokens", split,
-                        len(split_sources) - len(keep), len(split_sources), cfg.max_len)
+                        len(nonempty) - len(keep), len(nonempty), cfg.max_len)
         if split != "train" and cfg.max_valid is not None:
             keep = keep[:cfg.max_valid]
         sources[split] = [split_sources[i] for i in keep]
