@@ -109,6 +109,24 @@ def _as_data_config(cfg: Any) -> DataConfig:
     return DataConfig(**{k: v for k, v in cfg.items() if k in names})
 
 
+def _resolve_path(path: Optional[str]) -> Optional[str]:
+    """Expand ~ and, inside a Hydra job (which may chdir), anchor relative paths at the
+    directory the command was launched from."""
+    if path is None:
+        return None
+    path = os.path.expanduser(path)
+    if not os.path.isabs(path):
+        try:
+            from hydra.core.hydra_config import HydraConfig
+            from hydra.utils import to_absolute_path
+
+            if HydraConfig.initialized():
+                path = to_absolute_path(path)
+        except ImportError:
+            pass
+    return path
+
+
 def _read_corpus(cfg: DataConfig, cache_dir: str) -> dict[str, tuple[list[str], list[str]]]:
     hf_cache = os.path.join(cache_dir, "hf")
     if cfg.name == "builtin":
@@ -122,7 +140,8 @@ def _read_corpus(cfg: DataConfig, cache_dir: str) -> dict[str, tuple[list[str], 
         pair = "fr-en" if cfg.name == "wmt14_en_fr" else "de-en"
         return load_wmt14(pair, cfg.source_lang, cfg.target_lang, hf_cache)
     if cfg.name == "local":
-        paths = {split: (getattr(cfg, f"{split}_path"), getattr(cfg, f"{split}_target_path"))
+        paths = {split: (_resolve_path(getattr(cfg, f"{split}_path")),
+                         _resolve_path(getattr(cfg, f"{split}_target_path")))
                  for split in SPLITS}
         return read_local_corpus(paths, cfg.num_valid, cfg.num_test,
                                  cfg.source_lang, cfg.target_lang)
@@ -139,7 +158,7 @@ def load_translation_data(cfg: Any, seed: int = 0) -> TranslationData:
     if cfg.max_len < 2:
         raise DataError(f"data.max_len must be at least 2, got {cfg.max_len}")
     start = time.perf_counter()
-    cache_dir = os.path.expanduser(cfg.cache_dir)
+    cache_dir = _resolve_path(cfg.cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
 
     corpus = _read_corpus(cfg, cache_dir)

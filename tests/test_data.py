@@ -179,6 +179,28 @@ def test_bad_options(tmp_path):
                                          spm_model_type="wordpiece", cache_dir=str(tmp_path)))
 
 
+def test_wmt14_mapping_without_network(tmp_path, monkeypatch):
+    import datasets
+
+    rows = [{"de": f"Satz {i}", "en": f"sentence {i}"} for i in range(40)]
+    calls = []
+
+    def fake_load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        split = datasets.Dataset.from_dict({"translation": rows})
+        return datasets.DatasetDict(train=split, validation=split.select(range(5)),
+                                    test=split.select(range(5, 10)))
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    td = load_translation_data(DataConfig(name="wmt14_en_de", target_lang="de", vocab_size=60,
+                                          cache_dir=str(tmp_path)))
+    assert calls == [("wmt14", "de-en")]
+    assert td.sources["train"][3] == "sentence 3" and td.targets["train"][3] == "Satz 3"
+    assert td.sources["test"][0] == "sentence 5" and len(td.sources["valid"]) == 5
+    with pytest.raises(DataError, match="target_lang"):  # en_de with the default target fr
+        load_translation_data(DataConfig(name="wmt14_en_de", cache_dir=str(tmp_path)))
+
+
 # --------------------------------------------------------------------------- batching
 
 
