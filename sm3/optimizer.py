@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -9,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from sm3 import _fused
+from sm3._sharding import dim_accumulator, is_dtensor, local, max_reducer
 
 __all__ = ["SM3"]
 
@@ -152,13 +154,18 @@ class SM3(Optimizer):
                     _init_state(p, state)
                 state["step"] += 1
                 if p.grad.is_sparse:
+                    if is_dtensor(p):
+                        raise ValueError("SM3 does not support sparse gradients of sharded (DTensor) parameters")
                     _sparse_step(p, p.grad, state, float(lr), group)
                     continue
                 if group["momentum"] > 0 and "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(
                         p, dtype=momentum_dtype or p.dtype, memory_format=torch.preserve_format
                     )
-                if fused is not False and _fused.supports(p, p.grad, momentum_dtype):
+                if is_dtensor(p):  # FSDP2 / tensor parallel: step the local shards
+                    local_state = {key: local(value) for key, value in state.items()}
+                    _dense_step(local(p), local(p.grad), local_state, float(lr), group, workspaces, max_reducer(p))
+                elif fused is not False and _fused.supports(p, p.grad, momentum_dtype):
                     batch = batches.setdefault(p.device, ([], [], [], []))
                     batch[0].append(p)
                     batch[1].append(p.grad)
@@ -195,7 +202,9 @@ def _init_state(p: Tensor, state: dict) -> None:
         state["accumulator"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
     else:
         for r, n in enumerate(p.shape):
-            state[f"accumulator_{r}"] = torch.zeros(n, dtype=dtype, device=p.device)
+            state[f"accumulator_{r}"] = (
+                dim_accumulator(p, r, dtype) if is_dtensor(p) else torch.zeros(n, dtype=dtype, device=p.device)
+            )
 
 
 def _accumulators(p: Tensor, state: dict) -> list[Tensor]:
@@ -212,8 +221,14 @@ def _workspace(workspaces: dict, numel: int, dtype: torch.dtype, device: torch.d
     return buf[:numel]
 
 
-def _dense_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict, workspaces: dict) -> None:
-    """In-place SM3 step for a dense gradient, in row chunks of dimension 0."""
+def _dense_step(
+    p: Tensor, grad: Tensor, state: dict, lr: float, group: dict, workspaces: dict, reduce_max=None
+) -> None:
+    """In-place SM3 step for a dense gradient, in row chunks of dimension 0.
+
+    ``reduce_max(dim, acc)``, for sharded parameters, combines the local maxima of
+    accumulator ``dim`` across shards in place (see ``sm3._sharding``).
+    """
     momentum, beta, eps = group["momentum"], group["beta"], group["eps"]
     decay = 1.0 - lr * group["weight_decay"]
     direction = -1.0 if group["maximize"] else 1.0  # maximize: ascend, as if g were -g
@@ -233,7 +248,7 @@ def _dense_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict, wo
         # New values of a_2..a_k are maxima over all chunks; a_1 is written chunk by chunk.
         new_accs = [torch.zeros_like(a) for a in accs[1:]]
         other_dims = [tuple(d for d in range(rank) if d != i) for i in range(rank)]
-    row = max(1, param[0].numel())
+    row = max(1, math.prod(shape[1:]))
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // row)
     ws = _workspace(workspaces, min(shape[0], rows_per_chunk) * row, dtype, p.device)
 
@@ -280,6 +295,10 @@ def _dense_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict, wo
         if x32 is not x:
             x.copy_(x32)
     if rank > 1:
+        if reduce_max is not None:
+            reduce_max(0, accs[0])
+            for i, new in enumerate(new_accs, start=1):
+                reduce_max(i, new)
         for a, new in zip(accs[1:], new_accs):
             a.copy_(new)
 
