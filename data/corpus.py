@@ -63,9 +63,14 @@ def load_jsonl_splits(paths: dict[str, str], cache_dir: str) -> dict[str, Pairs]
 
     with _quiet_datasets():
         dataset = datasets.load_dataset("json", data_files=paths, cache_dir=cache_dir)
-    return {split: ([normalize_text(s) for s in dataset[split]["source"]],
-                     [normalize_text(t) for t in dataset[split]["target"]])
+    return {split: ([normalize_text(s) for s in _column(dataset[split], "source")],
+                     [normalize_text(t) for t in _column(dataset[split], "target")])
             for split in paths}
+
+
+def _column(dataset, name: str) -> list:
+    """A column as a Python list, converted by Arrow in bulk (row iteration is ~10x slower)."""
+    return dataset.with_format("arrow")[:].column(name).to_pylist()
 
 
 def load_wmt14(pair: str, source_lang: str, target_lang: str, cache_dir: str) -> dict[str, Pairs]:
@@ -80,7 +85,7 @@ def load_wmt14(pair: str, source_lang: str, target_lang: str, cache_dir: str) ->
                         f"{source_lang!r} and data.target_lang={target_lang!r}")
     out = {}
     for split, hf_split in (("train", "train"), ("valid", "validation"), ("test", "test")):
-        translations = dataset[hf_split]["translation"]
+        translations = _column(dataset[hf_split], "translation")
         out[split] = ([normalize_text(t[source_lang]) for t in translations],
                       [normalize_text(t[target_lang]) for t in translations])
     return out
