@@ -39,7 +39,9 @@ inline void update(P* x, M* m, int64_t i, float g, float nu, const Hyper& h) {
 }
 
 template <typename P, typename M, bool HAS_M>
-void diagonal_step(P* x, const P* g, M* m, float* acc, int64_t n, const Hyper& h, int threads) {
+void diagonal_step(P* __restrict__ x, const P* __restrict__ g, M* __restrict__ m,
+                   float* __restrict__ acc, int64_t n, const Hyper& hyper, int threads) {
+  const Hyper h = hyper;
 #pragma omp parallel for simd schedule(static) num_threads(threads)
   for (int64_t i = 0; i < n; ++i) {
     float gv = static_cast<float>(g[i]) * h.sign;
@@ -51,7 +53,8 @@ void diagonal_step(P* x, const P* g, M* m, float* acc, int64_t n, const Hyper& h
 
 template <typename P, typename M, bool HAS_M>
 void factored_step(P* x, const P* g, M* m, const std::vector<float*>& acc,
-                   const std::vector<int64_t>& sizes, const Hyper& h, int threads) {
+                   const std::vector<int64_t>& sizes, const Hyper& hyper, int threads) {
+  const Hyper h = hyper;  // a local copy: stores through x/m cannot alias it
   const int k = static_cast<int>(sizes.size());
   const int64_t rows = sizes[0], run = sizes[k - 1];
   int64_t runs_per_row = 1;
@@ -81,16 +84,18 @@ void factored_step(P* x, const P* g, M* m, const std::vector<float*>& acc,
         float base = a0;
         for (int r = 1; r < k - 1; ++r) base = std::min(base, acc[r][index[r]]);
         const int64_t o = (i * runs_per_row + s) * run;
-        P* xs = x + o;
-        const P* gs = g + o;
-        M* ms = HAS_M ? m + o : nullptr;
+        P* __restrict__ xs = x + o;
+        const P* __restrict__ gs = g + o;
+        M* __restrict__ ms = HAS_M ? m + o : nullptr;
+        float* __restrict__ run_last_max = last_max;
+        const float* __restrict__ run_last = last;
         float run_max = 0.0f;
 #pragma omp simd reduction(max : run_max)
         for (int64_t j = 0; j < run; ++j) {
           float gv = static_cast<float>(gs[j]) * h.sign;
-          float nu = h.acc_coef * std::min(base, last[j]) + h.sq_coef * gv * gv;
+          float nu = h.acc_coef * std::min(base, run_last[j]) + h.sq_coef * gv * gv;
           run_max = std::max(run_max, nu);
-          last_max[j] = std::max(last_max[j], nu);
+          run_last_max[j] = std::max(run_last_max[j], nu);
           update<P, M, HAS_M>(xs, ms, j, gv, nu, h);
         }
         row_max = std::max(row_max, run_max);
