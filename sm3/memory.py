@@ -9,6 +9,8 @@ import torch
 
 def _tensor_bytes(value) -> int:
     if isinstance(value, torch.Tensor):
+        if hasattr(value, "to_local"):  # DTensor: count this process's shard
+            value = value.to_local()
         return value.numel() * value.element_size()
     if isinstance(value, Mapping):
         return sum(_tensor_bytes(v) for v in value.values())
@@ -19,6 +21,8 @@ def _tensor_bytes(value) -> int:
 
 def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes held by the tensors in ``optimizer.state`` (any torch optimizer), steps included.
+
+    For sharded (DTensor) state, the bytes held by this process.
 
     Call it after the first ``step()``: most optimizers allocate their state lazily.
     """

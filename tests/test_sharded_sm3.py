@@ -1,14 +1,18 @@
 """SM3 on FSDP2-sharded parameters (2 CPU processes, gloo) against single-device SM3."""
 
 import copy
-import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from sm3 import SM3
+from sm3 import SM3, optimizer_state_bytes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from sharded_state import state_bytes_per_rank  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
@@ -63,6 +67,10 @@ def _worker(rank, store, momentum, checkpoint_dir):
             # the row accumulator is sharded with the parameter, never gathered
             if p.dim() >= 2:
                 assert opt.state[p]["accumulator_0"].to_local().shape[0] == p.to_local().shape[0]
+
+        # the per-rank memory that scripts/sharded_state.py predicts (+ one float32 step each)
+        predicted = state_bytes_per_rank(SHAPES, WORLD_SIZE, "sm3_momentum" if momentum else "sm3", rank)
+        assert optimizer_state_bytes(opt) == predicted + 4 * len(SHAPES)
 
         if checkpoint_dir is None:
             return
