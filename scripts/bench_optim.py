@@ -19,6 +19,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -78,6 +79,7 @@ class Row:
     step_ms: list[float] = field(default_factory=list)
     state_bytes: int = 0
     peak_extra_bytes: int = 0
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def median_ms(self) -> float:
@@ -152,11 +154,18 @@ def bench_model(spec, rounds: int, device: str, log=print) -> list[Row]:
         for p, g in zip(params, grads):
             p.grad = g
         _sync(device)
-        start = time.perf_counter()
-        optimizer = factory(params)
-        optimizer.step()  # first step: lazy state allocation, and for fused paths the kernel build
-        _sync(device)
-        row = Row(label, optimizer, one_time_ms=(time.perf_counter() - start) * 1e3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            start = time.perf_counter()
+            optimizer = factory(params)
+            optimizer.step()  # first step: lazy state allocation, and for fused paths the kernel build
+            _sync(device)
+            elapsed_ms = (time.perf_counter() - start) * 1e3
+        row = Row(label, optimizer, one_time_ms=elapsed_ms)
+        # e.g. SM3's fused kernel failing to build: the row then ran the default path.
+        row.warnings = sorted({f"{label}: {w.message}" for w in caught if issubclass(w.category, RuntimeWarning)})
+        for message in row.warnings:
+            log(f"  warning: {message}")
         row.state_bytes = optimizer_state_bytes(optimizer)
         rows.append(row)
         log(f"  {label:<20} first step {row.one_time_ms:9.1f} ms, state {row.state_bytes / MB:9.2f} MB")
@@ -330,6 +339,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
         sections.append(f"### {title}\n\n{args.rounds} timed rounds.\n\n{table}\n\nTargets:\n\n{targets}\n")
 
     notes = NOTES.format(peak_method=PEAK_METHODS[args.device], build=build)
+    for message in sorted({m for rows in results.values() for row in rows for m in row.warnings}):
+        notes += f"- warning during the first step of {message}\n"
     if not sm3_has_fused():
         notes += "- SM3.__init__ has no `fused` argument in this checkout: the SM3 fused rows are omitted.\n"
     print("\n" + notes)

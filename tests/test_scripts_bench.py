@@ -1,0 +1,99 @@
+"""The benchmark scripts: memory_table's meta-device state sizes, bench_optim end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+import memory_table  # noqa: E402
+from _shapes import MODELS, BertSpec, model_shapes, parameter_count  # noqa: E402
+
+from sm3 import optimizer_state_bytes  # noqa: E402
+
+
+def _small_translation_model() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.embedding = nn.Embedding(64, 16)
+    model.transformer = nn.Transformer(
+        d_model=16, nhead=2, num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32, dropout=0.0,
+        batch_first=True,
+    )
+    return model
+
+
+def _real_state_bytes(name: str, model: nn.Module) -> int:
+    """State size after one real step on CPU, with gradients from a real backward pass."""
+    tokens = torch.randint(0, 64, (2, 5))
+    x = model.embedding(tokens)
+    out = model.transformer(x, x)
+    (out @ model.embedding.weight.T).logsumexp(-1).sum().backward()
+    optimizer = memory_table.OPTIMIZERS[name](list(model.parameters()))
+    optimizer.step()
+    return optimizer_state_bytes(optimizer)
+
+
+@pytest.mark.parametrize("name", list(memory_table.OPTIMIZERS))
+def test_meta_state_matches_a_real_step(name):
+    model = _small_translation_model()
+    shapes = [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    meta_bytes, _ = memory_table.state_bytes(name, shapes, device="meta")
+    assert meta_bytes == _real_state_bytes(name, model)
+    cpu_bytes, how = memory_table.state_bytes(name, shapes, device="cpu")
+    assert how == "step()" and cpu_bytes == meta_bytes
+
+
+def test_adafactor_falls_back_to_its_own_state_initialisation():
+    _, how = memory_table.state_bytes("Adafactor", [("w", (4, 3)), ("b", (3,))], device="meta")
+    assert how in ("step()", "_init_group()")  # step() if a future torch can step on meta
+
+
+def test_shapes_parameter_counts():
+    assert parameter_count(model_shapes(MODELS["base"])) == 60_524_544  # 44.1M + 16.4M embedding
+    assert parameter_count(model_shapes(MODELS["big"])) == 209_129_472
+    # BERT-Large with its pre-training heads: 336M (the "340M" of the BERT paper).
+    assert parameter_count(model_shapes(MODELS["bert-large"])) == 336_226_108
+
+
+def test_memory_table_orders_optimizers_as_the_paper():
+    lines, _, per_sequence = memory_table.memory_lines(
+        BertSpec("BERT-small", d_model=64, d_ff=256, heads=4, layers=2, vocab=500), seq_len=32, memory_gib=0.01
+    )
+    by_name = {line.optimizer: line for line in lines}
+    assert per_sequence > 0
+    assert by_name["SM3 (m=0)"].state_bytes < by_name["Adagrad"].state_bytes < by_name["Adam"].state_bytes
+    assert by_name["SM3 (m=0)"].max_batch >= by_name["Adagrad"].max_batch >= by_name["Adam"].max_batch
+    text = memory_table.main(["--models", "tiny", "--memory-gib", "0.01"])
+    assert all(f"| {name} |" in text for name in memory_table.OPTIMIZERS)
+
+
+def test_bench_optim_tiny_end_to_end(tmp_path):
+    import bench_optim
+
+    out, png = tmp_path / "bench.md", tmp_path / "bench.png"
+    # A subprocess keeps the profiler and thread settings out of this one. SM3_DISABLE_NATIVE
+    # keeps the test from compiling the fused CPU kernel: the fused rows are still built with
+    # fused=True (and fall back, with a warning the table records).
+    env = dict(os.environ, SM3_DISABLE_NATIVE="1")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_optim.py"), "--model", "tiny", "--rounds", "2",
+         "--threads", "1", "--out", str(out), "--plot", str(png)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = out.read_text()
+    expected = [label for label, _ in bench_optim.optimizer_factories("cpu")]
+    assert len(expected) == (9 if bench_optim.sm3_has_fused() else 7)
+    for label in expected:
+        assert f"| {label} |" in table
+    assert "threads: 1" in table and "60,524,544" not in table
+    assert png.stat().st_size > 10_000
