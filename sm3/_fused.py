@@ -104,7 +104,7 @@ def fused_step_(
     grads: list[Tensor],
     accumulators: list[Tensor],
     momentum_buffers: list[Tensor],
-    lr: float,
+    lr: Tensor,
     momentum: float,
     beta: float,
     eps: float,
@@ -113,9 +113,12 @@ def fused_step_(
 ) -> None:
     """One SM3 step for parameters on one device. ``accumulators`` lists, parameter after
     parameter, ``accumulator`` (rank <= 1) or ``accumulator_0 .. accumulator_{k-1}``;
-    ``momentum_buffers`` is empty (momentum 0) or has one buffer per parameter."""
+    ``momentum_buffers`` is empty (momentum 0) or has one buffer per parameter. ``lr`` is a
+    one-element tensor: a float argument would be a constant of the compiled graph, and every
+    learning-rate change would recompile it."""
     if not params:
         return
+    lr = float(lr)
     grads = [g.contiguous() for g in grads]
     if params[0].device.type == "cuda":
         from sm3 import _triton

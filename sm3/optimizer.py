@@ -176,7 +176,7 @@ class SM3(Optimizer):
                     _dense_step(p, p.grad, state, float(lr), group, workspaces)
             for params, grads, accs, buffers in batches.values():
                 _fused.fused_step_(
-                    params, grads, accs, buffers, lr if isinstance(lr, float) else float(lr),
+                    params, grads, accs, buffers, _lr_tensor(lr),
                     group["momentum"], group["beta"], group["eps"], group["weight_decay"],
                     group["maximize"],
                 )
@@ -193,6 +193,14 @@ class SM3(Optimizer):
             for key, value in saved_state.get(saved_id, {}).items():
                 if isinstance(value, Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def _lr_tensor(lr: float | Tensor) -> Tensor:
+    # A float lr would be baked into a compiled graph as a constant; multiplying it into a
+    # tensor lets torch.compile keep it a runtime input (dynamic after its first change).
+    if isinstance(lr, Tensor):
+        return lr
+    return torch.ones((), dtype=torch.float64) * lr
 
 
 def _init_state(p: Tensor, state: dict) -> None:
