@@ -13,3 +13,8 @@ from .translation import DataConfig, TranslationData, load_translation_data
 
 __all__ = ["Batch", "DataConfig", "DataError", "Tokenizer", "TranslationData",
            "load_translation_data"]
+
+# Language modelling: one token stream per split, cut into next-token windows.
+from .lm import LMBatch, LMData, LMDataConfig, load_lm_data  # noqa: E402
+
+__all__ += ["LMBatch", "LMData", "LMDataConfig", "load_lm_data"]
