@@ -51,6 +51,26 @@ void diagonal_step(P* __restrict__ x, const P* __restrict__ g, M* __restrict__ m
   }
 }
 
+// One run along the last dimension; returns its largest nu. Kept out of the OpenMP region,
+// with everything passed by value, so that the compiler vectorises it without aliasing doubts.
+template <typename P, typename M, bool HAS_M>
+__attribute__((noinline)) float factored_run(P* __restrict__ x, const P* __restrict__ g,
+                                             M* __restrict__ m, const float* __restrict__ last,
+                                             float* __restrict__ last_max, int64_t run, float base,
+                                             const Hyper h) {
+  float run_max = 0.0f;
+#pragma omp simd reduction(max : run_max)
+  for (int64_t j = 0; j < run; ++j) {
+    float gv = static_cast<float>(g[j]) * h.sign;
+    // Plain comparisons rather than std::min/max: GCC vectorises these reductions.
+    float nu = h.acc_coef * (base < last[j] ? base : last[j]) + h.sq_coef * gv * gv;
+    run_max = run_max > nu ? run_max : nu;
+    last_max[j] = last_max[j] > nu ? last_max[j] : nu;
+    update<P, M, HAS_M>(x, m, j, gv, nu, h);
+  }
+  return run_max;
+}
+
 template <typename P, typename M, bool HAS_M>
 void factored_step(P* x, const P* g, M* m, const std::vector<float*>& acc,
                    const std::vector<int64_t>& sizes, const Hyper& hyper, int threads) {
@@ -84,20 +104,8 @@ void factored_step(P* x, const P* g, M* m, const std::vector<float*>& acc,
         float base = a0;
         for (int r = 1; r < k - 1; ++r) base = std::min(base, acc[r][index[r]]);
         const int64_t o = (i * runs_per_row + s) * run;
-        P* __restrict__ xs = x + o;
-        const P* __restrict__ gs = g + o;
-        M* __restrict__ ms = HAS_M ? m + o : nullptr;
-        float* __restrict__ run_last_max = last_max;
-        const float* __restrict__ run_last = last;
-        float run_max = 0.0f;
-#pragma omp simd reduction(max : run_max)
-        for (int64_t j = 0; j < run; ++j) {
-          float gv = static_cast<float>(gs[j]) * h.sign;
-          float nu = h.acc_coef * std::min(base, run_last[j]) + h.sq_coef * gv * gv;
-          run_max = std::max(run_max, nu);
-          run_last_max[j] = std::max(run_last_max[j], nu);
-          update<P, M, HAS_M>(xs, ms, j, gv, nu, h);
-        }
+        const float run_max = factored_run<P, M, HAS_M>(
+            x + o, g + o, HAS_M ? m + o : nullptr, last, last_max, run, base, h);
         row_max = std::max(row_max, run_max);
         for (int r = 1; r < k - 1; ++r) {
           float& slot = mine[offset[r] + index[r]];
