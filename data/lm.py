@@ -89,14 +89,49 @@ class LMBatch:
                        self.target.to(device, non_blocking=non_blocking), self.num_tokens)
 
 
+class Windows:
+    """The `seq_len + 1`-token windows of a stream, overlapping by one token.
+
+    Full windows are a strided view of the stream (no copy: a memory-mapped stream stays
+    shared between processes); only the last, partial window is a padded copy.
+    """
+
+    def __init__(self, stream: torch.Tensor, seq_len: int, pad_id: int):
+        if seq_len < 1:
+            raise DataError(f"data.seq_len must be at least 1, got {seq_len}")
+        targets = max(len(stream) - 1, 0)
+        num_full, remainder = divmod(targets, seq_len)
+        if num_full:
+            self.full = stream[:num_full * seq_len + 1].unfold(0, seq_len + 1, seq_len)
+        else:
+            self.full = stream.new_zeros((0, seq_len + 1))
+        self.tail = None
+        if remainder:
+            self.tail = torch.full((seq_len + 1,), pad_id, dtype=stream.dtype)
+            self.tail[:remainder + 1] = stream[num_full * seq_len:]
+
+    def __len__(self) -> int:
+        return len(self.full) + (self.tail is not None)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Windows `ids` as a [len(ids), seq_len + 1] int64 tensor."""
+        is_tail = ids >= len(self.full)
+        if not bool(is_tail.any()):
+            return self.full[ids].long()
+        rows = torch.empty((len(ids), self.full.shape[1]), dtype=torch.long)
+        rows[~is_tail] = self.full[ids[~is_tail]].long()
+        rows[is_tail] = self.tail.long()
+        return rows
+
+
 class LMBatches(collections.abc.Sequence):
     """A rank's batches for one epoch, built on access: a list's interface without holding
     every batch of a billion-token split in memory. Indexing and slicing are cheap, so a
     resumed run can skip the batches it has already seen."""
 
-    def __init__(self, windows: torch.Tensor, order: torch.Tensor, groups: list[range],
+    def __init__(self, windows: Windows, order: torch.Tensor, groups: list[range],
                  pad_id: int):
-        self._windows = windows  # [W, T + 1] int32 view of the padded stream
+        self._windows = windows
         self._order = order  # window ids in epoch order
         self._groups = groups  # per batch, positions in `order`
         self._pad_id = pad_id
@@ -108,7 +143,7 @@ class LMBatches(collections.abc.Sequence):
         if isinstance(index, slice):
             return [self[i] for i in range(*index.indices(len(self)))]
         group = self._groups[index]
-        rows = self._windows[self._order[group.start:group.stop]].long()
+        rows = self._windows.rows(self._order[group.start:group.stop])
         target = rows[:, 1:]
         return LMBatch(rows[:, :-1], target, int((target != self._pad_id).sum()))
 
@@ -124,7 +159,6 @@ class LMData:
         self.streams = streams  # split -> 1-D int32 tensor of bos ids eos bos ids eos ...
         self.seed = seed
         self.num_documents = num_documents or {}
-        self._windows: dict[tuple[str, int], torch.Tensor] = {}
 
     def token_count(self, split: str) -> int:
         """Targets in one pass over `split` on a single rank: the perplexity denominator."""
@@ -135,21 +169,9 @@ class LMData:
             raise KeyError(f"unknown split {split!r}; expected one of {tuple(self.streams)}")
         return self.streams[split]
 
-    def windows(self, split: str, seq_len: Optional[int] = None) -> torch.Tensor:
-        """[W, seq_len + 1] view of the split's stream, the last window padded."""
+    def windows(self, split: str, seq_len: Optional[int] = None) -> Windows:
         seq_len = self.config.seq_len if seq_len is None else seq_len
-        if seq_len < 1:
-            raise DataError(f"data.seq_len must be at least 1, got {seq_len}")
-        key = (split, seq_len)
-        if key not in self._windows:  # the padded copy is made once, not every epoch
-            stream = self._stream(split)
-            count = -(-(len(stream) - 1) // seq_len) if len(stream) > 1 else 0
-            if count == 0:
-                return torch.zeros(0, seq_len + 1, dtype=stream.dtype)
-            padded = torch.full((count * seq_len + 1,), self.tokenizer.pad_id, dtype=stream.dtype)
-            padded[:len(stream)] = stream
-            self._windows[key] = padded.unfold(0, seq_len + 1, seq_len)
-        return self._windows[key]
+        return Windows(self._stream(split), seq_len, self.tokenizer.pad_id)
 
     def batches(self, split: str, epoch: int = 0, shuffle: bool = True, rank: int = 0,
                 world_size: int = 1, max_tokens: Optional[int] = None,
@@ -350,6 +372,33 @@ def encode_stream(tokenizer: Tokenizer, docs: Sequence[str]) -> tuple[torch.Tens
     return stream, kept
 
 
+def cached_stream(tokenizer: Tokenizer, docs: Sequence[str], cache_dir: str
+                  ) -> tuple[torch.Tensor, int]:
+    """`encode_stream`, cached on disk by a hash of the tokenizer model and the text.
+
+    The cached tensor is memory-mapped, so ranks on one machine share one copy of a
+    billion-token stream and later runs skip tokenisation.
+    """
+    digest = hashlib.sha256()
+    with open(tokenizer.model_path, "rb") as f:
+        digest.update(hashlib.sha256(f.read()).digest())
+    for doc in docs:
+        digest.update(doc.encode("utf-8"))
+        digest.update(b"\n")
+    directory = os.path.join(cache_dir, "lm-streams")
+    path = os.path.join(directory, f"stream-{digest.hexdigest()[:20]}.pt")
+    if not os.path.exists(path):
+        stream, kept = encode_stream(tokenizer, docs)
+        os.makedirs(directory, exist_ok=True)
+        # Write then rename so a concurrent process never loads half a file.
+        tmp = f"{path}.tmp{os.getpid()}"
+        torch.save({"stream": stream, "documents": kept}, tmp)
+        os.replace(tmp, path)
+        del stream  # reloaded below as a mapping, like every later run
+    saved = torch.load(path, mmap=True, weights_only=True)
+    return saved["stream"], saved["documents"]
+
+
 def load_lm_data(cfg: Any, seed: int = 0) -> LMData:
     """Load (generating/downloading and caching as needed) a corpus, its tokenizer and the
     token stream of every split. `seed` only orders training batches."""
@@ -370,7 +419,7 @@ def load_lm_data(cfg: Any, seed: int = 0) -> LMData:
                                         cfg.spm_model_type)
     streams, counts = {}, {}
     for split in SPLITS:
-        streams[split], counts[split] = encode_stream(tokenizer, docs[split])
+        streams[split], counts[split] = cached_stream(tokenizer, docs[split], cache_dir)
         if counts[split] < len(docs[split]):
             logger.info("%s: dropped %d lines with no tokens after normalisation", split,
                         len(docs[split]) - counts[split])

@@ -6,6 +6,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import data.lm
 import data.tokenizer as tokenizer_module
 from data import DataError, LMBatch, LMDataConfig, load_lm_data
 from data.lm import LMData, encode_stream
@@ -24,6 +25,11 @@ def _config(cache_dir, **overrides) -> LMDataConfig:
 @pytest.fixture(scope="module")
 def builtin(tmp_path_factory):
     return load_lm_data(_config(tmp_path_factory.mktemp("cache")), seed=0)
+
+
+def _all_windows(data, split) -> torch.Tensor:
+    windows = data.windows(split)
+    return windows.rows(torch.arange(len(windows)))
 
 
 def _targets(batches) -> torch.Tensor:
@@ -48,7 +54,7 @@ def test_builtin_documents_are_both_sides_of_the_generator(builtin):
     assert stream.count(2) == stream.count(3) == 60 and 0 not in stream
 
 
-def test_builtin_is_deterministic_and_cached(tmp_path, builtin):
+def test_builtin_is_deterministic_and_cached(tmp_path, builtin, monkeypatch):
     trained = tokenizer_module.train_count
     again = load_lm_data(_config(tmp_path), seed=0)
     assert tokenizer_module.train_count == trained + 1
@@ -56,8 +62,14 @@ def test_builtin_is_deterministic_and_cached(tmp_path, builtin):
         assert torch.equal(again.streams[split], builtin.streams[split])
     with open(again.tokenizer.model_path, "rb") as f, open(builtin.tokenizer.model_path, "rb") as g:
         assert f.read() == g.read()
-    load_lm_data(_config(tmp_path), seed=0)
+    def no_encoding(*args):
+        raise AssertionError("streams should come from the cache")
+
+    monkeypatch.setattr(data.lm, "encode_stream", no_encoding)
+    cached = load_lm_data(_config(tmp_path), seed=0)
     assert tokenizer_module.train_count == trained + 1  # cached model, not retrained
+    assert torch.equal(cached.streams["train"], builtin.streams["train"])
+    assert cached.num_documents == builtin.num_documents
 
 
 def test_accepts_dictconfig(tmp_path):
@@ -78,7 +90,7 @@ def test_window_shapes_and_shift(builtin):
         assert b.input.shape == b.target.shape == (MAX_TOKENS // SEQ_LEN, SEQ_LEN)
         assert b.input.dtype == b.target.dtype == torch.long
     assert 1 <= len(batches[-1].input) <= MAX_TOKENS // SEQ_LEN
-    windows = builtin.windows("train")
+    windows = _all_windows(builtin, "train")
     assert torch.equal(windows[1:, 0], windows[:-1, -1])  # consecutive windows overlap by one
     for b in batches:
         # Inside a window the target is the input moved left by one.
@@ -93,7 +105,7 @@ def test_every_token_is_a_target_once(builtin, split, shuffle):
     assert sum(b.num_tokens for b in batches) == builtin.token_count(split) == len(stream) - 1
     if shuffle:  # as a multiset: every window once, in some order
         windows = sorted(tuple(row.tolist()) for b in batches for row in b.target)
-        expected = sorted(tuple(row[1:].tolist()) for row in builtin.windows(split))
+        expected = sorted(tuple(row[1:].tolist()) for row in _all_windows(builtin, split))
         assert windows == expected
     else:  # in stream order
         assert torch.equal(_targets(batches), stream[1:])
@@ -103,15 +115,20 @@ def test_every_token_is_a_target_once(builtin, split, shuffle):
 def test_last_window_padded(tmp_path):
     data = LMData(_config(tmp_path, seq_len=4, max_tokens=8), _FakeTokenizer(),
                   {"train": torch.arange(4, 14, dtype=torch.int32)})
-    windows = data.windows("train")  # 10 tokens -> 9 targets -> 3 windows of 4
+    windows = _all_windows(data, "train")  # 10 tokens -> 9 targets -> 3 windows of 4
     assert windows.tolist() == [[4, 5, 6, 7, 8], [8, 9, 10, 11, 12], [12, 13, 0, 0, 0]]
     last = data.batches("train", shuffle=False)[-1]
     assert last.input.tolist() == [[12, 13, 0, 0]] and last.target.tolist() == [[13, 0, 0, 0]]
     assert last.num_tokens == 1 and data.token_count("train") == 9
     exact = LMData(data.config, _FakeTokenizer(), {"train": torch.arange(4, 13, dtype=torch.int32)})
-    assert exact.windows("train")[-1].tolist() == [8, 9, 10, 11, 12]  # no pad when it fits
-    empty = LMData(data.config, _FakeTokenizer(), {"train": torch.zeros(0, dtype=torch.int32)})
-    assert len(empty.batches("train")) == 0 and empty.token_count("train") == 0
+    assert _all_windows(exact, "train").tolist()[-1] == [8, 9, 10, 11, 12]  # no pad: fits
+    assert exact.windows("train").tail is None
+    short = LMData(data.config, _FakeTokenizer(), {"train": torch.tensor([2, 7, 3], dtype=torch.int32)})
+    assert _all_windows(short, "train").tolist() == [[2, 7, 3, 0, 0]]
+    for length in (0, 1):
+        empty = LMData(data.config, _FakeTokenizer(),
+                       {"train": torch.full((length,), 2, dtype=torch.int32)})
+        assert len(empty.batches("train")) == 0 and empty.token_count("train") == 0
 
 
 class _FakeTokenizer:
@@ -232,6 +249,11 @@ def test_local_files_with_all_splits(tmp_path):
     ld = load_lm_data(_local(tmp_path, train_path=train, valid_path=valid, test_path=test))
     assert ld.num_documents == {"train": 40, "valid": 2, "test": 1}
     assert [ld.tokenizer.decode(d) for d in _documents(ld.streams["test"])] == ["mat"]
+    # Same tokenizer, edited valid text: re-tokenised, not served from the stream cache.
+    _write(valid, "the mat\n")
+    edited = load_lm_data(_local(tmp_path, train_path=train, valid_path=valid, test_path=test))
+    assert edited.tokenizer.model_path == ld.tokenizer.model_path
+    assert [edited.tokenizer.decode(d) for d in _documents(edited.streams["valid"])] == ["the mat"]
 
 
 def test_local_error_missing_file(tmp_path):
