@@ -43,6 +43,21 @@ TIME_TARGETS = [
 STATE_TARGETS = [("SM3 (m=0)", BASELINE, 0.005)]
 
 
+def sm3_revision() -> str:
+    """The commit the measured sm3/ comes from, '+dirty' when sm3/ has uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "sm3"], cwd=root, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("+dirty" if dirty else "")
+
+
 def sm3_has_fused() -> bool:
     return "fused" in inspect.signature(SM3.__init__).parameters
 
@@ -84,6 +99,13 @@ class Row:
     @property
     def median_ms(self) -> float:
         return statistics.median(self.step_ms)
+
+    @property
+    def quartiles_ms(self) -> tuple[float, float]:
+        if len(self.step_ms) < 2:
+            return self.step_ms[0], self.step_ms[0]
+        q = statistics.quantiles(self.step_ms, n=4)
+        return q[0], q[2]
 
 
 def _sync(device: str) -> None:
@@ -142,7 +164,22 @@ def make_parameters(shapes, device: str, seed: int) -> list[torch.nn.Parameter]:
     ]
 
 
+def warm_up_process(device: str) -> None:
+    """Pay the process's own one-time costs (thread pools, lazy imports) before any row is
+    timed, so that a row's one-time cost is its own. Uses no fused kernel: their build is
+    what the fused rows measure."""
+    x = torch.randn(512, 512, device=device)
+    (x @ x).sum().item()
+    p = torch.nn.Parameter(torch.randn(256, 512, device=device))
+    p.grad = torch.randn_like(p)
+    unfused = {"fused": False} if sm3_has_fused() else {}
+    for optimizer in (SM3([p], **unfused), torch.optim.Adam([p], foreach=True)):
+        optimizer.step()
+    _sync(device)
+
+
 def bench_model(spec, rounds: int, device: str, log=print) -> list[Row]:
+    warm_up_process(device)
     shapes = model_shapes(spec)
     generator = torch.Generator().manual_seed(1)
     # One gradient per parameter shape, drawn once and shared by every optimizer's copy:
@@ -193,14 +230,15 @@ def markdown_table(rows: list[Row]) -> str:
     by_label = {row.label: row for row in rows}
     adam = by_label[BASELINE]
     lines = [
-        "| optimizer | step ms (median) | × Adam (foreach) | × Adam (fused) | state MB | state % of Adam "
-        "| peak extra MB | one-time ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| optimizer | step ms (median) | p25–p75 ms | × Adam (foreach) | × Adam (fused) | state MB "
+        "| state % of Adam | peak extra MB | one-time ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         to_fused = _ratio(rows, row.label, FUSED_BASELINE)
+        low, high = row.quartiles_ms
         lines.append(
-            f"| {row.label} | {row.median_ms:.1f} | {row.median_ms / adam.median_ms:.2f} "
+            f"| {row.label} | {row.median_ms:.1f} | {low:.0f}–{high:.0f} | {row.median_ms / adam.median_ms:.2f} "
             f"| {'–' if to_fused is None else f'{to_fused:.2f}'} | {row.state_bytes / MB:.2f} "
             f"| {100 * row.state_bytes / adam.state_bytes:.2f} | {row.peak_extra_bytes / MB:.1f} "
             f"| {row.one_time_ms:.0f} |"
@@ -236,7 +274,11 @@ def plot(results: dict[str, list[Row]], path: Path, header: str) -> None:
         labels = [row.label for row in rows][::-1]
         ordered = rows[::-1]
         adam = next(row for row in rows if row.label == BASELINE)
-        colors = ["tab:blue" if row.label.startswith("SM3") else "tab:gray" for row in ordered]
+        colors = [
+            "navy" if row.label.startswith("SM3 fused") else "tab:blue" if row.label.startswith("SM3")
+            else "tab:orange" if row.label.startswith("Adam") else "tab:gray"
+            for row in ordered
+        ]
         ratios = [row.median_ms / adam.median_ms for row in ordered]
         bars = ax_time.barh(labels, ratios, color=colors)
         ax_time.axvline(1.0, color="black", linestyle="--", linewidth=0.8)
@@ -263,6 +305,8 @@ def plot(results: dict[str, list[Row]], path: Path, header: str) -> None:
 
 NOTES = """\
 Notes:
+- The machine is shared and noisy: p25–p75 shows the spread of the timed rounds; read the medians
+  with it.
 - Each optimizer steps its own copy of the parameters; all share one set of random gradients drawn
   once. Round 0 (the first step of each) is a warm-up; the medians are over the timed rounds, which
   step every optimizer once each in a rotated order.
@@ -290,7 +334,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "base", "big", "both"], default="base",
                         help="parameter shapes; 'both' = base and big (tiny is for tests)")
-    parser.add_argument("--rounds", type=int, default=12, help="timed rounds after the warm-up step")
+    parser.add_argument("--rounds", type=int, default=20, help="timed rounds after the warm-up step")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--cold-build", action="store_true",
@@ -312,7 +356,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[Row]]:
         os.environ["TORCH_EXTENSIONS_DIR"] = cold_dir.name
 
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores visible)"
-    header = f"device: {args.device} — {device_name}; torch {torch.__version__}; threads: {torch.get_num_threads()}"
+    header = f"device: {args.device} — {device_name}; torch {torch.__version__}; threads: {torch.get_num_threads()}; sm3 at {sm3_revision()}"
     print(header)
     if not sm3_has_fused():
         print("note: SM3.__init__ has no `fused` argument in this checkout; the SM3 fused rows are omitted")
