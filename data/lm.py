@@ -161,7 +161,8 @@ class LMData:
         self.num_documents = num_documents or {}
 
     def token_count(self, split: str) -> int:
-        """Targets in one pass over `split` on a single rank: the perplexity denominator."""
+        """Targets in one unsharded pass over `split`: the perplexity denominator. Sharded
+        passes drop tail batches, so there sum the batches' `num_tokens` over ranks."""
         return max(len(self._stream(split)) - 1, 0)
 
     def _stream(self, split: str) -> torch.Tensor:

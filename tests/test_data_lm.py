@@ -113,20 +113,21 @@ def test_every_token_is_a_target_once(builtin, split, shuffle):
 
 
 def test_last_window_padded(tmp_path):
-    data = LMData(_config(tmp_path, seq_len=4, max_tokens=8), _FakeTokenizer(),
-                  {"train": torch.arange(4, 14, dtype=torch.int32)})
-    windows = _all_windows(data, "train")  # 10 tokens -> 9 targets -> 3 windows of 4
+    lm = LMData(_config(tmp_path, seq_len=4, max_tokens=8), _FakeTokenizer(),
+                {"train": torch.arange(4, 14, dtype=torch.int32)})
+    windows = _all_windows(lm, "train")  # 10 tokens -> 9 targets -> 3 windows of 4
     assert windows.tolist() == [[4, 5, 6, 7, 8], [8, 9, 10, 11, 12], [12, 13, 0, 0, 0]]
-    last = data.batches("train", shuffle=False)[-1]
+    last = lm.batches("train", shuffle=False)[-1]
     assert last.input.tolist() == [[12, 13, 0, 0]] and last.target.tolist() == [[13, 0, 0, 0]]
-    assert last.num_tokens == 1 and data.token_count("train") == 9
-    exact = LMData(data.config, _FakeTokenizer(), {"train": torch.arange(4, 13, dtype=torch.int32)})
+    assert last.num_tokens == 1 and lm.token_count("train") == 9
+    exact = LMData(lm.config, _FakeTokenizer(), {"train": torch.arange(4, 13, dtype=torch.int32)})
     assert _all_windows(exact, "train").tolist()[-1] == [8, 9, 10, 11, 12]  # no pad: fits
     assert exact.windows("train").tail is None
-    short = LMData(data.config, _FakeTokenizer(), {"train": torch.tensor([2, 7, 3], dtype=torch.int32)})
+    short = LMData(lm.config, _FakeTokenizer(),
+                   {"train": torch.tensor([2, 7, 3], dtype=torch.int32)})
     assert _all_windows(short, "train").tolist() == [[2, 7, 3, 0, 0]]
     for length in (0, 1):
-        empty = LMData(data.config, _FakeTokenizer(),
+        empty = LMData(lm.config, _FakeTokenizer(),
                        {"train": torch.full((length,), 2, dtype=torch.int32)})
         assert len(empty.batches("train")) == 0 and empty.token_count("train") == 0
 
@@ -149,9 +150,9 @@ def test_encode_stream_skips_empty_documents():
 
 def test_epochs_differ_and_are_reproducible(builtin):
     def inputs(epoch, seed=0):
-        data = builtin if seed == 0 else LMData(builtin.config, builtin.tokenizer,
-                                                builtin.streams, seed=seed)
-        return torch.cat([b.input for b in data.batches("train", epoch=epoch)])
+        lm = builtin if seed == 0 else LMData(builtin.config, builtin.tokenizer,
+                                              builtin.streams, seed=seed)
+        return torch.cat([b.input for b in lm.batches("train", epoch=epoch)])
 
     assert torch.equal(inputs(0), inputs(0))
     assert not torch.equal(inputs(0), inputs(1))
@@ -191,7 +192,8 @@ def test_batch_overrides_and_slicing(builtin):
     assert [b.num_tokens for b in batches[1:3]] == [batches[1].num_tokens, batches[2].num_tokens]
     assert len(batches[1:]) == len(batches) - 1
     moved = batches[0].to("cpu")
-    assert torch.equal(moved.target, batches[0].target) and moved.num_tokens == batches[0].num_tokens
+    assert torch.equal(moved.target, batches[0].target)
+    assert moved.num_tokens == batches[0].num_tokens
     with pytest.raises(KeyError, match="unknown split"):
         builtin.batches("dev")
 
@@ -226,6 +228,8 @@ def test_local_files_with_carved_splits(tmp_path):
     assert ld.num_documents == {"train": 90, "valid": 5, "test": 5}
     decoded = {s: [ld.tokenizer.decode(d) for d in _documents(ld.streams[s])] for s in ld.streams}
     assert sorted(decoded["train"] + decoded["valid"] + decoded["test"]) == sorted(lines)
+    docs = data.lm._read_local(_local(tmp_path, train_path=train), str(tmp_path / "hf"))
+    assert not any("\ufeff" in d for split in docs.values() for d in split)  # BOM dropped
     again = load_lm_data(_local(tmp_path, train_path=train))
     assert all(torch.equal(again.streams[s], ld.streams[s]) for s in ld.streams)
 
