@@ -11,7 +11,8 @@ concatenated into one stream, which is cut into windows of `seq_len + 1` tokens 
 overlap by one, so each window gives `seq_len` inputs and their next-token targets and
 every token after the first is a target exactly once per epoch. The last window is
 right-padded with pad_id (pad targets are ignored by the loss). Perplexity is
-exp(summed NLL / `token_count(split)`).
+exp(summed NLL / `token_count(split)`). Streams are cached under
+`cache_dir/lm-streams`, keyed by the tokenizer and the text, and memory-mapped.
 
 Corpora (`LMDataConfig.name`):
   * builtin: both sides of the built-in translation generator (`data.synthetic`), each
