@@ -44,12 +44,12 @@ STATE_TARGETS = [("SM3 (m=0)", BASELINE, 0.005)]
 
 
 def sm3_revision() -> str:
-    """The commit the measured sm3/ comes from, '+dirty' when sm3/ has uncommitted changes."""
+    """The last commit that changed sm3/, '+dirty' when sm3/ has uncommitted changes."""
     import subprocess
 
     root = Path(__file__).resolve().parents[1]
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+        commit = subprocess.run(["git", "log", "-1", "--format=%h", "--", "sm3"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "sm3"], cwd=root, capture_output=True,
                                text=True, check=True).stdout.strip()
@@ -89,7 +89,7 @@ def optimizer_factories(device: str) -> list[tuple[str, Callable]]:
 @dataclass
 class Row:
     label: str
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     one_time_ms: float = 0.0  # constructor + first step, before the median is subtracted
     step_ms: list[float] = field(default_factory=list)
     state_bytes: int = 0
@@ -216,6 +216,7 @@ def bench_model(spec, rounds: int, device: str, log=print) -> list[Row]:
     for row in rows:
         row.one_time_ms -= row.median_ms
         row.peak_extra_bytes = peak_extra_bytes(row.optimizer, device)
+        row.optimizer = None  # free this model's parameters and state before the next model
     return rows
 
 
@@ -316,7 +317,7 @@ Notes:
 - state MB: `optimizer_state_bytes` after the first step (step counters included).
 - peak extra MB: the transient memory of one steady-state step beyond params, grads and state.
   {peak_method}
-- one-time ms: constructor + first step − median step. For every row this includes the lazy
+- one-time ms: constructor + first step − median step (one sample, so it carries the machine's noise). For every row this includes the lazy
   allocation of the state; for the SM3 fused rows it is the fused path's one-time compile cost
   ({build}). The kernel is built once per process, so the first fused row to step pays it.
 """
