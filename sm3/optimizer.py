@@ -80,7 +80,12 @@ class SM3(Optimizer):
             float16, it is not contiguous, it lives on a device other than CPU/CUDA, it is a
             CUDA tensor of rank >= 3 or Triton is missing, or the CPU kernel cannot be built
             (no compiler: one warning, then the default path). The fused path agrees with
-            the default path to float32 rounding.
+            the default path to float32 rounding. Under ``torch.compile`` the kernels are one
+            custom op (``sm3::fused_step_``), so ``fullgraph=True`` traces ``step()``; the
+            learning rate is passed as a tensor and never triggers a recompilation (the
+            first step, which creates the state, compiles a graph of its own). On CUDA each
+            parameter is one Triton launch, so a model with many small tensors is bound by
+            launch overhead in eager mode; capture the step in a CUDA graph to avoid it.
         momentum_dtype: dtype of ``momentum_buffer`` (default: the parameter's dtype);
             ``torch.bfloat16`` halves its memory. Arithmetic stays in the statistics dtype.
     """
