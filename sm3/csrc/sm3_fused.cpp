@@ -17,6 +17,8 @@
 
 namespace {
 
+constexpr int64_t kParallelMin = 1 << 15;  // elements
+
 struct Hyper {
   float neg_lr;    // -lr
   float momentum;  // heavy-ball coefficient, 0 when there is no buffer
@@ -187,12 +189,15 @@ void fused_step(const std::vector<torch::Tensor>& params, const std::vector<torc
       acc.push_back(a.data_ptr<float>());
     }
     if (p.numel() == 0) continue;
+    // Small tensors are not worth waking the thread team (and a busy machine makes every
+    // parallel region wait for a descheduled thread).
+    const int team = p.numel() < kParallelMin ? 1 : threads;
     const torch::Tensor* m = momentum_buffers.empty() ? nullptr : &momentum_buffers[i];
     if (m != nullptr) TORCH_CHECK(m->is_contiguous(), "sm3 fused: momentum buffer must be contiguous");
     switch (p.scalar_type()) {
-      case at::kFloat: dispatch_momentum<float>(p, g, m, acc, h, threads); break;
-      case at::kBFloat16: dispatch_momentum<at::BFloat16>(p, g, m, acc, h, threads); break;
-      case at::kHalf: dispatch_momentum<at::Half>(p, g, m, acc, h, threads); break;
+      case at::kFloat: dispatch_momentum<float>(p, g, m, acc, h, team); break;
+      case at::kBFloat16: dispatch_momentum<at::BFloat16>(p, g, m, acc, h, team); break;
+      case at::kHalf: dispatch_momentum<at::Half>(p, g, m, acc, h, team); break;
       default: TORCH_CHECK(false, "sm3 fused: unsupported parameter dtype ", p.scalar_type());
     }
   }
