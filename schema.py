@@ -1,0 +1,135 @@
+"""Typed schemas of every config group, registered in Hydra's ConfigStore.
+
+YAML files in `conf/` only fill values: a misspelt key or a wrong type fails at start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from data import DataConfig
+
+
+# Choices as str-valued enums: OmegaConf rejects anything else and lists the valid values.
+class OptimName(str, Enum):
+    sm3 = "sm3"
+    adam = "adam"
+    adagrad = "adagrad"
+    adafactor = "adafactor"
+    sgd = "sgd"
+
+
+class ScheduleName(str, Enum):
+    quadratic_warmup = "quadratic_warmup"
+    inverse_sqrt = "inverse_sqrt"
+    constant = "constant"
+
+
+class LoggerName(str, Enum):
+    wandb = "wandb"
+    none = "none"
+
+
+class LoggerMode(str, Enum):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+class Resume(str, Enum):
+    auto = "auto"
+    never = "never"
+
+
+class Precision(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+
+
+@dataclass
+class ModelConfig:
+    name: str = "transformer"
+    d_model: int = 512
+    d_ff: int = 2048
+    heads: int = 8
+    encoder_layers: int = 6
+    decoder_layers: int = 6
+    dropout: float = 0.1
+    pre_norm: bool = True
+    label_smoothing: float = 0.1
+    max_positions: int = 1024
+
+
+@dataclass
+class OptimConfig:
+    name: OptimName = OptimName.sm3
+    lr: float = 0.1
+    momentum: float = 0.0  # sm3, sgd
+    beta: float = 0.0  # sm3: 0 accumulates, > 0 is an exponential moving average
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # adam
+    eps: Optional[float] = None  # None: the optimizer's own default
+    weight_decay: float = 0.0
+    fused: Optional[bool] = None  # sm3, adam: None picks the fused kernel where it is safe
+
+
+@dataclass
+class ScheduleConfig:
+    name: ScheduleName = ScheduleName.quadratic_warmup
+    warmup_steps: Optional[int] = None  # None: warmup_fraction of trainer.max_steps
+    warmup_fraction: float = 0.05
+    cooldown: bool = False  # linear cool-down to 0 over the last cooldown_fraction of the run
+    cooldown_fraction: float = 0.1
+
+
+@dataclass
+class LoggerConfig:
+    name: LoggerName = LoggerName.wandb
+    mode: LoggerMode = LoggerMode.online  # online falls back to offline without credentials
+    project: str = "sm3-translation"
+    entity: Optional[str] = None
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = 1000
+    max_minutes: Optional[float] = None  # stop early (and evaluate) after this wall time
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA that supports it, else fp32
+    grad_accum: int = 1
+    clip_norm: Optional[float] = None
+    log_interval: int = 10
+    eval_interval: int = 200
+    checkpoint_interval: int = 200
+    resume: Resume = Resume.auto  # auto: continue from checkpoints/last.pt when it exists
+    polyak: bool = True  # evaluate an exponential moving average of the parameters too
+    polyak_decay: float = 0.99  # EMA decay per step: a half-life of ~70 steps
+    beam_size: int = 1
+    length_penalty: float = 1.0
+    eval_max_len: int = 256  # decoding stops at min(this, 1.5 * source length + 10)
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    model: ModelConfig = MISSING
+    optim: OptimConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    data: DataConfig = MISSING
+    logger: LoggerConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    experiment: Any = None
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for group, node in [("model", ModelConfig), ("optim", OptimConfig), ("schedule", ScheduleConfig),
+                        ("data", DataConfig), ("logger", LoggerConfig), ("trainer", TrainerConfig)]:
+        cs.store(group=group, name=f"{group}_schema", node=node)

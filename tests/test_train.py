@@ -1,0 +1,166 @@
+"""The training pipeline: configs, the real command line end to end, resume, schedules, models."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import sacrebleu
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import schema  # noqa: E402
+from models.transformer import Transformer  # noqa: E402
+from optimizers import build_optimizer  # noqa: E402
+from schedules import build_scheduler, inverse_sqrt, quadratic_warmup  # noqa: E402
+
+schema.register()
+GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+          for group in ("model", "optim", "schedule", "data", "logger", "trainer", "experiment")}
+
+
+def _compose(overrides=()):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
+def test_every_option_composes(group, option):
+    cfg = _compose([f"{group}={option}"])
+    OmegaConf.to_object(cfg)  # every value fits its schema
+    assert cfg.trainer.max_steps > 0
+
+
+def test_optimizers_build_from_every_optim_option():
+    for option in GROUPS["optim"]:
+        cfg = _compose([f"optim={option}"])
+        opt = build_optimizer(cfg.optim, [torch.nn.Parameter(torch.zeros(3, 2))])
+        assert opt.param_groups[0]["lr"] == cfg.optim.lr
+
+
+def test_schedule_shapes():
+    total, warmup = 1000, 50
+    assert quadratic_warmup(0, warmup, total) == 0
+    assert quadratic_warmup(25, warmup, total) == pytest.approx(0.25)
+    assert quadratic_warmup(50, warmup, total) == 1 == quadratic_warmup(800, warmup, total)
+    assert quadratic_warmup(950, warmup, total, cooldown_steps=100) == pytest.approx(0.5)
+    assert quadratic_warmup(1000, warmup, total, cooldown_steps=100) == 0
+    assert inverse_sqrt(25, warmup) == pytest.approx(0.5)
+    assert inverse_sqrt(200, warmup) == pytest.approx(0.5)
+    cfg = _compose(["schedule=quadratic_warmup_cooldown", "trainer.max_steps=100"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    scheduler = build_scheduler(cfg.schedule, opt, 100)
+    lrs = []
+    for _ in range(100):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert lrs[0] == 0 and lrs[5] == 2.0 and lrs[50] == 2.0 and lrs[95] == pytest.approx(1.0)
+
+
+def test_bleu_of_known_pair():
+    assert sacrebleu.corpus_bleu(["le 3 mars 2021"], [["le 3 mars 2021"]]).score == pytest.approx(100)
+    assert sacrebleu.corpus_bleu(["trois cent"], [["quarante-deux"]]).score == 0
+
+
+def test_averaging_is_an_ema_of_parameters():
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    model = torch.nn.Linear(2, 1)
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    first = model.weight.detach().clone()
+    averaged.update_parameters(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    averaged.update_parameters(model)
+    torch.testing.assert_close(averaged.module.weight, first + 0.1)
+
+
+@pytest.mark.parametrize("pre_norm", [True, False])
+def test_model_loss_and_decoding_shapes(pre_norm):
+    torch.manual_seed(0)
+    model = Transformer(50, 16, 32, 2, 1, 1, dropout=0.0, pre_norm=pre_norm).eval()
+    src = torch.randint(4, 50, (3, 7))
+    src[0, 5:] = 0  # padding
+    tgt = torch.randint(4, 50, (3, 5))
+    assert model(src, tgt).shape == (3, 5, 50)
+    smoothed, nll = model.loss(src, tgt, tgt, label_smoothing=0.1)
+    assert smoothed.item() > 0 and nll.item() > 0
+    greedy = model.generate(src, bos_id=2, eos_id=3, max_len=6)
+    beam = model.generate(src, bos_id=2, eos_id=3, max_len=6, beam_size=3)
+    assert len(greedy) == len(beam) == 3 and all(len(h) <= 6 for h in greedy + beam)
+    # beam search with one beam is greedy search
+    assert model._beam_search(*model.encode(src), 2, 3, 6, 1, 1.0) == greedy
+
+
+# --- the real command line ----------------------------------------------------------------
+
+TINY = ["model=transformer_tiny", "logger=none", "trainer.progress=false", "data.num_train=300",
+        "data.num_valid=8", "data.num_test=8", "data.max_tokens=1024", "trainer.eval_interval=4",
+        "trainer.log_interval=1", "trainer.eval_max_len=12", "schedule.warmup_steps=2"]
+
+
+def _train(args, cwd, check=True):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=300)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+def _losses(run_dir):
+    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_end_to_end_run_directory_and_exact_resume(tmp_path, cache_dir):
+    common = TINY + [f"data.cache_dir={cache_dir}"]
+    straight = tmp_path / "straight"
+    _train(common + ["trainer.max_steps=6", f"hydra.run.dir={straight}"], tmp_path)
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
+        assert (straight / name).exists(), name
+    summary = json.loads((straight / "summary.json").read_text())
+    for key in ("step", "valid_loss", "valid_bleu", "valid_bleu_averaged", "test_bleu", "test_bleu_averaged",
+                "tokens_per_second", "optimizer_state_bytes", "peak_memory_bytes", "wall_seconds"):
+        assert key in summary, key
+    assert summary["step"] == 6 and math.isfinite(summary["valid_loss"])
+    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all({"step", "loss", "lr"} <= r.keys() for r in records if "loss" in r)
+
+    resumed = tmp_path / "resumed"
+    first = _train(common + ["trainer.max_steps=3", f"hydra.run.dir={resumed}"], tmp_path)
+    assert "Resuming" not in first.stdout
+    second = _train(common + ["trainer.max_steps=6", f"hydra.run.dir={resumed}"], tmp_path)
+    assert "Resuming from" in second.stdout and "at step 3" in second.stdout
+    assert _losses(resumed) == _losses(straight)  # bitwise: same floats in the JSON
+
+
+def test_bad_config_gives_a_clear_error(tmp_path):
+    result = _train(["trainer.max_stesp=5"], tmp_path, check=False)
+    assert result.returncode != 0 and "max_stesp" in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+    result = _train(["optim=adamw"], tmp_path, check=False)
+    out = result.stderr + result.stdout
+    assert result.returncode != 0 and "adamw" in out and "sm3" in out  # lists the valid choices
+    result = _train(["logger.mode=sometimes"], tmp_path, check=False)
+    assert result.returncode != 0 and "online" in result.stderr + result.stdout
+
+
+def test_multirun_two_jobs(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    _train(["-m", "optim=sm3,adam", "trainer.max_steps=2", f"data.cache_dir={cache_dir}",
+            f"hydra.sweep.dir={sweep}", *TINY], tmp_path)
+    summaries = sorted(sweep.glob("*/summary.json"))
+    assert len(summaries) == 2, list(sweep.iterdir())
+    assert {json.loads(s.read_text())["step"] for s in summaries} == {2}

@@ -1,0 +1,240 @@
+"""Train a translation Transformer with SM3 (or a baseline optimizer) on one config.
+
+    python train.py optim=sm3 model=transformer          # the built-in data, offline
+    python train.py -m optim=sm3,adam optim.lr=0.1,0.05  # a sweep, one directory per job
+
+Re-running the same command resumes from `<run dir>/checkpoints/last.pt`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import sacrebleu
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from tqdm import tqdm
+
+import schema
+from checkpoint import load_checkpoint, save_checkpoint
+from data import load_translation_data
+from models import build_model
+from optimizers import build_optimizer
+from schedules import build_scheduler
+from sm3 import optimizer_state_bytes
+
+schema.register()
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def autocast_context(precision: str, device: torch.device):
+    use_bf16 = precision == "bf16" or (
+        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+    if use_bf16:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@torch.no_grad()
+def evaluate(model, data, split: str, cfg, device, autocast) -> dict:
+    """Teacher-forced loss/perplexity and the BLEU of decoded translations."""
+    was_training = model.training
+    model.eval()
+    nll_sum, tokens, hypotheses, references = 0.0, 0, [], []
+    for batch in data.batches(split, shuffle=False):
+        batch = batch.to(device)
+        with autocast():
+            _, nll = model.loss(batch.src, batch.tgt_in, batch.tgt_out)
+            max_len = min(cfg.trainer.eval_max_len, int(1.5 * batch.src.shape[1]) + 10)
+            ids = model.generate(batch.src, data.tokenizer.bos_id, data.tokenizer.eos_id, max_len,
+                                 cfg.trainer.beam_size, cfg.trainer.length_penalty)
+        nll_sum += nll.item()
+        tokens += batch.num_tokens
+        hypotheses += [data.tokenizer.decode(h) for h in ids]
+        references += [data.targets[split][i] for i in batch.indices]
+    model.train(was_training)
+    loss = nll_sum / max(tokens, 1)
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
+    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": bleu, "example": hypotheses[:1]}
+
+
+def init_wandb(cfg, run_dir: Path, run_id: str | None):
+    """One W&B run per job (rank 0); offline with a notice when credentials or network are missing."""
+    if cfg.logger.name == "none" or cfg.logger.mode == "disabled":
+        return None
+    import wandb
+
+    mode = cfg.logger.mode.value
+    netrc = Path.home() / ".netrc"
+    has_key = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+    if mode == "online" and not has_key:
+        print("W&B: no credentials (WANDB_API_KEY or `wandb login`); logging offline, sync later with `wandb sync`")
+        mode = "offline"
+    choices = HydraConfig.get().job.override_dirname or "defaults"
+    group = Path(HydraConfig.get().sweep.dir).name if HydraConfig.get().mode.name == "MULTIRUN" else None
+    kwargs = dict(project=cfg.logger.project, entity=cfg.logger.entity, dir=str(run_dir), id=run_id,
+                  resume="allow", name=choices, group=group,
+                  config=OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    for attempt in ([mode, "offline"] if mode == "online" else [mode]):
+        try:
+            return wandb.init(mode=attempt, settings=wandb.Settings(init_timeout=60), **kwargs)
+        except Exception as error:  # network, auth or service failure: never lose the run
+            print(f"W&B: {mode} init failed ({type(error).__name__}: {error}); " +
+                  ("retrying offline" if attempt == "online" else "continuing without W&B"))
+    return None
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float:
+    started = time.time()
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    checkpoint_dir = run_dir / "checkpoints"
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    trainer = cfg.trainer
+    torch.manual_seed(trainer.seed)
+    device = pick_device(trainer.device)
+    autocast = autocast_context(trainer.precision.value, device)
+
+    data = load_translation_data(cfg.data, seed=trainer.seed)
+    model = build_model(cfg.model, data.tokenizer.vocab_size, data.tokenizer.pad_id).to(device)
+    optimizer = build_optimizer(cfg.optim, model.parameters())
+    scheduler = build_scheduler(cfg.schedule, optimizer, trainer.max_steps)
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(trainer.polyak_decay)) if trainer.polyak else None
+    progress = {"step": 0, "epoch": 0, "batch_index": 0, "tokens": 0, "wandb_id": None}
+
+    if trainer.resume == "auto" and (checkpoint_dir / "last.pt").exists():
+        progress = load_checkpoint(checkpoint_dir / "last.pt", cfg, model, optimizer, scheduler, averaged)
+        print(f"Resuming from {checkpoint_dir / 'last.pt'} at step {progress['step']}")
+    metrics_path = run_dir / "metrics.jsonl"
+    if progress["step"] == 0:
+        metrics_path.unlink(missing_ok=True)
+    else:  # drop records written after the checkpoint we resume from
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= progress["step"]]
+        metrics_path.write_text("".join(line + "\n" for line in kept))
+
+    run = init_wandb(cfg, run_dir, progress["wandb_id"])
+    progress["wandb_id"] = run.id if run is not None else None
+    parameters = sum(p.numel() for p in model.parameters())
+    print(f"{parameters / 1e6:.2f}M parameters, {cfg.optim.name.value}, device {device}, run dir {run_dir}")
+
+    def log(record: dict) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if run is not None:
+            run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def save() -> None:
+        save_checkpoint(checkpoint_dir / "last.pt", cfg, model, optimizer, scheduler, averaged, progress)
+
+    def evaluate_both(split: str) -> dict:
+        results = {f"{split}_{k}": v for k, v in evaluate(model, data, split, cfg, device, autocast).items()}
+        if averaged is not None:
+            avg = evaluate(averaged.module, data, split, cfg, device, autocast)
+            results.update({f"{split}_{k}_averaged": v for k, v in avg.items()})
+        return results
+
+    batches = data.batches("train", epoch=progress["epoch"])
+    bar = tqdm(total=trainer.max_steps, initial=progress["step"], disable=not (trainer.progress and sys.stderr.isatty()),
+               dynamic_ncols=True)
+    train_seconds, window_tokens, window_start = 0.0, 0, time.time()
+    last_eval: dict = {}
+    try:
+        model.train()
+        while progress["step"] < trainer.max_steps:
+            if trainer.max_minutes is not None and time.time() - started > 60 * trainer.max_minutes:
+                print(f"Stopping at step {progress['step']}: trainer.max_minutes={trainer.max_minutes} reached")
+                break
+            step_start = time.time()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum = 0.0
+            for _ in range(trainer.grad_accum):
+                if progress["batch_index"] >= len(batches):
+                    progress["epoch"] += 1
+                    progress["batch_index"] = 0
+                    batches = data.batches("train", epoch=progress["epoch"])
+                batch = batches[progress["batch_index"]].to(device)
+                progress["batch_index"] += 1
+                with autocast():
+                    loss, _ = model.loss(batch.src, batch.tgt_in, batch.tgt_out, cfg.model.label_smoothing)
+                loss = loss / batch.num_tokens
+                (loss / trainer.grad_accum).backward()
+                loss_sum += loss.item() / trainer.grad_accum
+                progress["tokens"] += batch.num_tokens
+                window_tokens += batch.num_tokens
+            if trainer.clip_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.clip_norm)
+            optimizer.step()
+            scheduler.step()
+            if averaged is not None:
+                averaged.update_parameters(model)
+            progress["step"] += 1
+            step = progress["step"]
+            train_seconds += time.time() - step_start
+            bar.update(1)
+            if step % trainer.log_interval == 0 or step == trainer.max_steps:
+                tokens_per_second = window_tokens / max(time.time() - window_start, 1e-9)
+                window_tokens, window_start = 0, time.time()
+                lr = optimizer.param_groups[0]["lr"]
+                bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens_per_second:.0f}")
+                log({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_second": tokens_per_second,
+                     "epoch": progress["epoch"]})
+            if step % trainer.eval_interval == 0 and step < trainer.max_steps:
+                last_eval = evaluate_both("valid")
+                log({"step": step, **{k: v for k, v in last_eval.items() if "example" not in k}})
+                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if "example" not in k))
+            if step % trainer.checkpoint_interval == 0:
+                save()
+        bar.close()
+        save()
+        results = evaluate_both("valid")
+        results.update(evaluate_both("test"))
+        examples = {k: v for k, v in results.items() if "example" in k}
+        results = {k: v for k, v in results.items() if "example" not in k}
+        log({"step": progress["step"], **results})
+        summary = {
+            "step": progress["step"],
+            **results,
+            "tokens": progress["tokens"],
+            "tokens_per_second": progress["tokens"] / max(train_seconds, 1e-9) if train_seconds else None,
+            "parameters": parameters,
+            "optimizer_state_bytes": optimizer_state_bytes(optimizer),
+            "peak_memory_bytes": peak_memory_bytes(device),
+            "wall_seconds": time.time() - started,
+            "device": str(device),
+            "examples": examples,
+        }
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        if run is not None:
+            run.summary.update({k: v for k, v in summary.items() if k != "examples"})
+        print(f"test BLEU {summary['test_bleu']:.2f} (averaged {summary.get('test_bleu_averaged', float('nan')):.2f}), "
+              f"valid BLEU {summary['valid_bleu']:.2f}; summary in {run_dir / 'summary.json'}")
+        return summary.get("valid_bleu_averaged", summary["valid_bleu"])
+    finally:
+        bar.close()
+        if run is not None:
+            run.finish()
+
+
+if __name__ == "__main__":
+    main()
