@@ -262,7 +262,9 @@ def _dense_step(
         new_accs = [torch.zeros_like(a) for a in accs[1:]]
         other_dims = [tuple(d for d in range(rank) if d != i) for i in range(rank)]
     row = max(1, math.prod(shape[1:]))
-    rows_per_chunk = max(1, _CHUNK_ELEMENTS // row)
+    # Chunks keep a CPU's passes in cache; on an accelerator each op is a kernel launch, so
+    # one chunk (a workspace the size of the parameter) is faster.
+    rows_per_chunk = max(1, _CHUNK_ELEMENTS // row) if p.device.type == "cpu" else max(1, shape[0])
     ws = _workspace(workspaces, min(shape[0], rows_per_chunk) * row, dtype, p.device)
 
     for start in range(0, shape[0], rows_per_chunk):
