@@ -236,5 +236,22 @@ def main(cfg: DictConfig) -> float:
             run.finish()
 
 
+def cli() -> None:
+    """Run `main`, turning a bad config (misspelt key, wrong type, unknown option) into one line and exit code 2."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let config errors reach us instead of Hydra's own report
+    try:
+        main()
+    except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as error:
+        messages, cause = [], error
+        while cause is not None:  # Hydra wraps the OmegaConf error that names the key
+            messages.append(" ".join(str(cause).split("Config search path")[0].split()))
+            cause = cause.__cause__
+        print("config error: " + " | ".join(dict.fromkeys(m for m in messages if m)), file=sys.stderr)
+        sys.exit(2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

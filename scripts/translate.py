@@ -1,0 +1,87 @@
+"""Translate a file (or stdin) with a trained run, and score BLEU when references are given.
+
+    python scripts/translate.py outputs/RUN_DIR --input src.txt --references ref.txt
+    echo "twenty-one" | python scripts/translate.py outputs/RUN_DIR/checkpoints/last.pt
+
+Uses the Polyak-averaged parameters when the checkpoint has them (`--last-iterate` for the raw ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import sacrebleu
+import torch
+from omegaconf import OmegaConf
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data import load_translation_data  # noqa: E402
+from models import build_model  # noqa: E402
+
+
+def load_run(path: Path, last_iterate: bool, device: torch.device):
+    """The model and tokenizer of a run directory or of a checkpoint inside one."""
+    checkpoint = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    run_dir = checkpoint.parent.parent
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    data = load_translation_data(cfg.data, seed=cfg.trainer.seed)
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = build_model(OmegaConf.create(state["model_config"]), data.tokenizer.vocab_size, data.tokenizer.pad_id)
+    if state.get("averaged") is not None and not last_iterate:
+        prefix = "module."  # AveragedModel keeps the copy under `module` next to its counter
+        weights = {k[len(prefix):]: v for k, v in state["averaged"].items() if k.startswith(prefix)}
+    else:
+        weights = state["model"]
+    model.load_state_dict(weights)
+    return model.to(device).eval(), data.tokenizer, cfg
+
+
+@torch.no_grad()
+def translate(model, tokenizer, lines: list[str], beam_size: int, length_penalty: float, batch_size: int,
+              device: torch.device) -> list[str]:
+    out = []
+    for start in range(0, len(lines), batch_size):
+        chunk = [tokenizer.encode(line) for line in lines[start:start + batch_size]]
+        src = torch.full((len(chunk), max(len(ids) for ids in chunk) + 1), tokenizer.pad_id, dtype=torch.long)
+        for row, ids in enumerate(chunk):
+            src[row, :len(ids) + 1] = torch.tensor(ids + [tokenizer.eos_id])
+        max_len = int(1.5 * src.shape[1]) + 10
+        ids = model.generate(src.to(device), tokenizer.bos_id, tokenizer.eos_id, max_len, beam_size, length_penalty)
+        out += [tokenizer.decode(h) for h in ids]
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="run directory or checkpoint file")
+    parser.add_argument("--input", type=Path, help="source sentences, one a line (default: stdin)")
+    parser.add_argument("--references", type=Path, help="reference translations, one a line: print BLEU")
+    parser.add_argument("--output", type=Path, help="write translations here (default: stdout)")
+    parser.add_argument("--beam-size", type=int, default=1)
+    parser.add_argument("--length-penalty", type=float, default=1.0)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--last-iterate", action="store_true", help="the raw parameters, not the averaged ones")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    model, tokenizer, _ = load_run(args.run, args.last_iterate, device)
+    text = args.input.read_text() if args.input else sys.stdin.read()
+    lines = text.splitlines()
+    hypotheses = translate(model, tokenizer, lines, args.beam_size, args.length_penalty, args.batch_size, device)
+    if args.output:
+        args.output.write_text("".join(h + "\n" for h in hypotheses))
+    else:
+        print("\n".join(hypotheses))
+    if args.references:
+        references = args.references.read_text().splitlines()
+        if len(references) != len(hypotheses):
+            sys.exit(f"{len(references)} references for {len(hypotheses)} sources")
+        print(f"BLEU {sacrebleu.corpus_bleu(hypotheses, [references]).score:.2f}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
