@@ -138,6 +138,16 @@ def test_end_to_end_run_directory_and_exact_resume(tmp_path, cache_dir):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all({"step", "loss", "lr"} <= r.keys() for r in records if "loss" in r)
 
+    # scripts/translate.py on the run directory: one line out per line in, BLEU against references
+    sources, references = tmp_path / "src.txt", tmp_path / "ref.txt"
+    sources.write_text("twenty-one\nthe third of may\n")
+    references.write_text("vingt et un\nle trois mai\n")
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "translate.py"), str(straight),
+                             "--input", str(sources), "--references", str(references), "--beam-size", "2"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert len(result.stdout.splitlines()) == 2 and "BLEU" in result.stderr
+
     resumed = tmp_path / "resumed"
     first = _train(common + ["trainer.max_steps=3", f"hydra.run.dir={resumed}"], tmp_path)
     assert "Resuming" not in first.stdout
