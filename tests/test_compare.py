@@ -1,0 +1,63 @@
+"""scripts/compare.py on a real two-job multirun plus a failed job: table, comparison.md, plots."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from scripts.compare import compare, split_overrides  # noqa: E402
+
+TINY = ["model=transformer_tiny", "logger=none", "trainer.progress=false", "data.num_train=300",
+        "data.num_valid=8", "data.num_test=8", "data.max_tokens=1024", "trainer.eval_max_len=12",
+        "trainer.max_steps=4", "trainer.eval_interval=2", "trainer.log_interval=1"]
+
+
+def test_split_overrides_keeps_bracketed_values_whole():
+    assert split_overrides("optim=adam,optim.betas=[0.9,0.98],x='a,b'") == [
+        "optim=adam", "optim.betas=[0.9,0.98]", "x='a,b'"]
+
+
+def test_compare_a_real_multirun_with_a_failed_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "optim=sm3,adam", *TINY,
+         f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    ran = sorted(p for p in sweep.iterdir() if p.is_dir())
+    assert len(ran) == 2
+    # A job that crashed: same shared overrides, its own optimizer, failed.json and no summary.
+    failed = sweep / ran[0].name.replace("optim=adam", "optim=adagrad")
+    failed.mkdir()
+    (failed / "failed.json").write_text(json.dumps({"error": "RuntimeError: CUDA out of memory\nat step 3"}))
+
+    out = subprocess.run([sys.executable, str(ROOT / "scripts" / "compare.py"), str(sweep)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    rows = {line.split("|")[1].strip(): line for line in out.stdout.splitlines()[2:]}
+    assert set(rows) == {"`optim=adagrad`", "`optim=adam`", "`optim=sm3`"}  # shared overrides left out
+    assert "failed: RuntimeError: CUDA out of memory at step 3" in rows["`optim=adagrad`"]
+    for job in ("adam", "sm3"):
+        cells = [c.strip() for c in rows[f"`optim={job}`"].split("|")[1:-1]]
+        assert cells[2] == job and cells[4] == "1024 x 1" and cells[-1] == "ok"
+        assert float(cells[7]) > 0  # optimizer state MB
+    adam_state = float(rows["`optim=adam`"].split("|")[8])
+    sm3_state = float(rows["`optim=sm3`"].split("|")[8])
+    assert sm3_state < adam_state
+
+    report = (sweep / "comparison.md").read_text()
+    assert "optim=adagrad" in report and "model=transformer_tiny" in report  # shared overrides listed once
+    for name in ("loss.png", "bleu.png", "optimizer_memory.png"):
+        png = sweep / name
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000, name
+
+    # --out puts the plots elsewhere; an incomplete job (metrics, no summary) is marked as such
+    incomplete = sweep / ran[0].name.replace("optim=adam", "optim=sgd")
+    incomplete.mkdir()
+    (incomplete / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0, "lr": 0.1}) + "\n")
+    table = compare(sweep, tmp_path / "plots")
+    assert "| incomplete |" in table.replace("`optim=sgd`", "")
+    assert (tmp_path / "plots" / "loss.png").stat().st_size > 10_000
