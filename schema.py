@@ -107,6 +107,11 @@ class TrainerConfig:
     log_interval: int = 10
     eval_interval: int = 200
     checkpoint_interval: int = 200
+    checkpoint_minutes: Optional[float] = None  # also checkpoint after this much wall time since the last save
+    keep_checkpoints: int = 3  # step-NNNNNN.pt files kept (newest); checkpoints/last.pt links the newest
+    requeue_exit_code: Optional[int] = None  # exit status after SIGTERM/SIGINT + checkpoint; None: 128 + signal
+    max_bad_steps: int = 10  # consecutive steps with NaN/inf loss or gradient (skipped) before giving up
+    debug_nan_steps: list[int] = field(default_factory=list)  # testing aid: make these steps' loss NaN
     resume: Resume = Resume.auto  # auto: continue from checkpoints/last.pt when it exists
     polyak: bool = True  # evaluate an exponential moving average of the parameters too
     polyak_decay: float = 0.99  # EMA decay per step: a half-life of ~70 steps

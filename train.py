@@ -3,7 +3,13 @@
     python train.py optim=sm3 model=transformer          # the built-in data, offline
     python train.py -m optim=sm3,adam optim.lr=0.1,0.05  # a sweep, one directory per job
 
-Re-running the same command resumes from `<run dir>/checkpoints/last.pt`.
+Re-running the same command resumes from `<run dir>/checkpoints/last.pt` (or, if that is corrupt,
+the newest readable `step-NNNNNN.pt`).
+
+Exit status: 0 done; 2 bad input (config, data files, unusable checkpoint), as one `error: ...` line;
+1 training diverged (trainer.max_bad_steps consecutive NaN/inf steps) or a multirun job failed;
+143 after SIGTERM / 130 after SIGINT (or trainer.requeue_exit_code): the current step finished and a
+checkpoint was written, so a scheduler may requeue the job, which then resumes. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,14 +33,29 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import schema
-from checkpoint import load_checkpoint, save_checkpoint
-from data import load_translation_data
+from checkpoint import CheckpointError, latest_checkpoint, restore_checkpoint, save_checkpoint
+from data import DataError, load_translation_data
 from models import build_model
 from optimizers import build_optimizer
 from schedules import build_scheduler
 from sm3 import optimizer_state_bytes
 
 schema.register()
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived; a checkpoint is written. Carries the exit status for the scheduler."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+FAILED_JOBS: list[str] = []  # multirun jobs that raised, reported by cli() after the sweep
 
 
 def pick_device(name: str) -> torch.device:
@@ -107,8 +129,26 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    started = time.time()
+    """One job. In a multirun a failing job is recorded (`failed.json` in its directory) and the sweep goes on."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    (run_dir / "failed.json").unlink(missing_ok=True)
+    if HydraConfig.get().mode.name != "MULTIRUN":
+        return train(cfg, run_dir)
+    try:
+        return train(cfg, run_dir)
+    except Exception as error:
+        if isinstance(error, Preempted):
+            raise  # the whole sweep is being stopped
+        message = f"{type(error).__name__}: {error}"
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "failed.json").write_text(json.dumps({"error": message}) + "\n")
+        print(f"error: job {run_dir.name} failed ({message}); continuing with the other jobs", file=sys.stderr)
+        FAILED_JOBS.append(run_dir.name)
+        return float("nan")
+
+
+def train(cfg: DictConfig, run_dir: Path) -> float:
+    started = time.time()
     checkpoint_dir = run_dir / "checkpoints"
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer = cfg.trainer
@@ -123,9 +163,12 @@ def main(cfg: DictConfig) -> float:
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(trainer.polyak_decay)) if trainer.polyak else None
     progress = {"step": 0, "epoch": 0, "batch_index": 0, "tokens": 0, "wandb_id": None}
 
-    if trainer.resume == "auto" and (checkpoint_dir / "last.pt").exists():
-        progress = load_checkpoint(checkpoint_dir / "last.pt", cfg, model, optimizer, scheduler, averaged)
-        print(f"Resuming from {checkpoint_dir / 'last.pt'} at step {progress['step']}")
+    found = latest_checkpoint(checkpoint_dir) if trainer.resume == "auto" else None
+    if found is not None:
+        path, state = found
+        progress = restore_checkpoint(state, path, cfg, model, optimizer, scheduler, averaged)
+        print(f"Resuming from {path} at step {progress['step']}")
+    progress.setdefault("skipped_steps", 0)
     metrics_path = run_dir / "metrics.jsonl"
     if progress["step"] == 0:
         metrics_path.unlink(missing_ok=True)
@@ -144,8 +187,24 @@ def main(cfg: DictConfig) -> float:
         if run is not None:
             run.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
+    saved = {"step": progress["step"] if found is not None else -1, "time": time.time()}
+
     def save() -> None:
-        save_checkpoint(checkpoint_dir / "last.pt", cfg, model, optimizer, scheduler, averaged, progress)
+        if saved["step"] != progress["step"]:
+            save_checkpoint(checkpoint_dir, cfg, model, optimizer, scheduler, averaged, progress,
+                            keep=trainer.keep_checkpoints)
+        saved.update(step=progress["step"], time=time.time())
+
+    # SIGTERM/SIGINT (preemption, Ctrl-C): finish the step, checkpoint, exit for requeue; a second one exits now.
+    received: list[int] = []
+
+    def on_signal(signum, frame) -> None:
+        if received:
+            print(f"{signal.Signals(signum).name} again: exiting now without a checkpoint", file=sys.stderr, flush=True)
+            os._exit(trainer.requeue_exit_code if trainer.requeue_exit_code is not None else 128 + signum)
+        received.append(signum)
+
+    previous_handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def evaluate_both(split: str) -> dict:
         results = {f"{split}_{k}": v for k, v in evaluate(model, data, split, cfg, device, autocast).items()}
@@ -158,6 +217,7 @@ def main(cfg: DictConfig) -> float:
     bar = tqdm(total=trainer.max_steps, initial=progress["step"], disable=not (trainer.progress and sys.stderr.isatty()),
                dynamic_ncols=True)
     train_seconds, window_tokens, window_start = 0.0, 0, time.time()
+    bad_in_a_row = 0
     last_eval: dict = {}
     try:
         model.train()
@@ -178,32 +238,60 @@ def main(cfg: DictConfig) -> float:
                 with autocast():
                     loss, _ = model.loss(batch.src, batch.tgt_in, batch.tgt_out, cfg.model.label_smoothing)
                 loss = loss / batch.num_tokens
+                if progress["step"] + 1 in trainer.debug_nan_steps:
+                    loss = loss * float("nan")
                 (loss / trainer.grad_accum).backward()
                 loss_sum += loss.item() / trainer.grad_accum
                 progress["tokens"] += batch.num_tokens
                 window_tokens += batch.num_tokens
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
             if trainer.clip_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.clip_norm)
-            optimizer.step()
-            scheduler.step()
-            if averaged is not None:
-                averaged.update_parameters(model)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.clip_norm)
+            else:
+                grad_norm = torch.nn.utils.get_total_norm(grads)
+            good = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
+            if good:
+                optimizer.step()
+                scheduler.step()
+                if averaged is not None:
+                    averaged.update_parameters(model)
+                bad_in_a_row = 0
+            else:  # skip the update: parameters, optimizer and schedule stay as they were
+                optimizer.zero_grad(set_to_none=True)
+                progress["skipped_steps"] += 1
+                bad_in_a_row += 1
             progress["step"] += 1
             step = progress["step"]
             train_seconds += time.time() - step_start
             bar.update(1)
-            if step % trainer.log_interval == 0 or step == trainer.max_steps:
+            if not good:
+                bar.write(f"step {step}: non-finite loss {loss_sum} or gradient norm {float(grad_norm)}; update skipped "
+                          f"({bad_in_a_row} in a row, {progress['skipped_steps']} in all)")
+                log({"step": step, "skipped_steps": progress["skipped_steps"]})
+                if bad_in_a_row >= trainer.max_bad_steps:
+                    raise TrainingDiverged(
+                        f"{bad_in_a_row} consecutive steps with non-finite loss or gradients (trainer.max_bad_steps="
+                        f"{trainer.max_bad_steps}) up to step {step}; the last checkpoint ({saved['step']}) is from "
+                        "before them. Lower optim.lr, set trainer.clip_norm, or check the data")
+            elif step % trainer.log_interval == 0 or step == trainer.max_steps:
                 tokens_per_second = window_tokens / max(time.time() - window_start, 1e-9)
                 window_tokens, window_start = 0, time.time()
                 lr = optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens_per_second:.0f}")
                 log({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_second": tokens_per_second,
-                     "epoch": progress["epoch"]})
+                     "epoch": progress["epoch"], "skipped_steps": progress["skipped_steps"]})
             if step % trainer.eval_interval == 0 and step < trainer.max_steps:
                 last_eval = evaluate_both("valid")
                 log({"step": step, **{k: v for k, v in last_eval.items() if "example" not in k}})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if "example" not in k))
-            if step % trainer.checkpoint_interval == 0:
+            if received:
+                save()
+                name, code = signal.Signals(received[0]).name, trainer.requeue_exit_code
+                code = 128 + received[0] if code is None else code
+                raise Preempted(f"{name} at step {step}: checkpoint saved to {checkpoint_dir / 'last.pt'}; "
+                                f"exiting with status {code} (requeue: the same command resumes)", code)
+            if step % trainer.checkpoint_interval == 0 or (
+                    trainer.checkpoint_minutes is not None and time.time() - saved["time"] > 60 * trainer.checkpoint_minutes):
                 save()
         bar.close()
         save()
@@ -216,6 +304,7 @@ def main(cfg: DictConfig) -> float:
             "step": progress["step"],
             **results,
             "tokens": progress["tokens"],
+            "skipped_steps": progress["skipped_steps"],
             "tokens_per_second": progress["tokens"] / max(train_seconds, 1e-9) if train_seconds else None,
             "parameters": parameters,
             "optimizer_state_bytes": optimizer_state_bytes(optimizer),
@@ -232,6 +321,8 @@ def main(cfg: DictConfig) -> float:
         return summary.get("valid_bleu_averaged", summary["valid_bleu"])
     finally:
         bar.close()
+        for signum, handler in previous_handlers.items():
+            signal.signal(signum, handler)
         if run is not None:
             run.finish()
 
@@ -244,6 +335,15 @@ def cli() -> None:
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let config errors reach us instead of Hydra's own report
     try:
         main()
+    except Preempted as stop:
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except (DataError, CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    except TrainingDiverged as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1)
     except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as error:
         messages, cause = [], error
         while cause is not None:  # Hydra wraps the OmegaConf error that names the key
@@ -251,6 +351,10 @@ def cli() -> None:
             cause = cause.__cause__
         print("config error: " + " | ".join(dict.fromkeys(m for m in messages if m)), file=sys.stderr)
         sys.exit(2)
+    if FAILED_JOBS:
+        print(f"error: {len(FAILED_JOBS)} multirun job(s) failed (see failed.json in each): {', '.join(FAILED_JOBS)}",
+              file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":
