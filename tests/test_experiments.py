@@ -1,0 +1,110 @@
+"""The paper's experiments as configs: every one composes against the schema, the WMT'14 ones keep
+the paper's settings, the CPU counterparts run through the real command line, and the optional
+Optuna / SLURM configs compose when their plugins are installed."""
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import schema  # noqa: E402
+
+schema.register()
+EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
+CPU = [e for e in EXPERIMENTS if e.startswith("cpu_builtin_")]
+WMT = [e for e in EXPERIMENTS if e.startswith("wmt14_en_fr_big_")]
+
+
+def _compose(overrides=(), hydra_config=False):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_composes_against_the_schema(experiment):
+    cfg = _compose([f"experiment={experiment}"])
+    OmegaConf.to_object(cfg)  # typed: a misspelt key or a wrong type fails here
+    assert cfg.trainer.max_steps > 0
+
+
+def test_every_paper_experiment_has_a_cpu_counterpart_and_back():
+    suffixes = {"sm3", "sm3_2x_batch", "adam", "adagrad", "adafactor"}
+    assert {e.removeprefix("wmt14_en_fr_big_") for e in WMT} == suffixes
+    assert {e.removeprefix("cpu_builtin_") for e in CPU} == suffixes
+
+
+def test_paper_settings():
+    cfgs = {e.removeprefix("wmt14_en_fr_big_"): _compose([f"experiment={e}"]) for e in WMT}
+    for name, cfg in cfgs.items():
+        assert (cfg.model.d_model, cfg.model.heads, cfg.model.encoder_layers, cfg.model.decoder_layers) == (1024, 16, 6, 6)
+        assert cfg.data.name == "wmt14_en_fr" and cfg.optim.name.value == name.removesuffix("_2x_batch")
+        assert cfg.trainer.max_minutes is None  # real runs go to max_steps
+    sm3 = cfgs["sm3"]
+    assert (sm3.optim.momentum, sm3.optim.beta, sm3.schedule.name.value) == (0.9, 0.0, "quadratic_warmup")
+    # one batch for every optimizer; SM3 also at twice that, in one step rather than accumulated
+    batch = {name: cfg.data.max_tokens * cfg.trainer.grad_accum for name, cfg in cfgs.items()}
+    assert {batch[n] for n in ("sm3", "adam", "adagrad", "adafactor")} == {batch["sm3"]}
+    assert batch["sm3_2x_batch"] == 2 * batch["sm3"] and cfgs["sm3_2x_batch"].trainer.grad_accum == 1
+    cpu = {e.removeprefix("cpu_builtin_"): _compose([f"experiment={e}"]) for e in CPU}
+    assert all(cfg.data.name == "builtin" and cfg.model.d_model == 128 for cfg in cpu.values())
+    assert cpu["sm3_2x_batch"].data.max_tokens == 2 * cpu["sm3"].data.max_tokens
+
+
+PLUGINS = {  # config -> (override that selects it, Python package of its plugin, PyPI name)
+    "hparams_search/sm3_lr.yaml": ("hparams_search=sm3_lr", "hydra_plugins.hydra_optuna_sweeper",
+                                   "hydra-optuna-sweeper"),
+    "hydra/launcher/slurm.yaml": ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher",
+                                  "hydra-submitit-launcher"),
+}
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize("path", sorted(PLUGINS))
+def test_plugin_configs(path):
+    override, module, package = PLUGINS[path]
+    text = yaml.safe_load((ROOT / "conf" / path).read_text())
+    assert text["defaults"], path  # readable YAML that selects the plugin's base config
+    if not _installed(module):
+        pytest.skip(f"{package} is not installed (optional: uv pip install {package})")
+    cfg = _compose([override, "experiment=cpu_builtin_sm3"], hydra_config=True)
+    if "optuna" in package:
+        assert cfg.hydra.sweeper.direction == "maximize" and "optim.lr" in cfg.hydra.sweeper.params
+    else:
+        assert cfg.hydra.launcher.gpus_per_node == 1
+
+
+def test_cpu_experiments_run_through_the_cli(tmp_path):
+    """All CPU counterparts as one multirun of two steps each, then compared."""
+    sweep = tmp_path / "sweep"
+    tiny = ["logger=none", "trainer.progress=false", "trainer.max_steps=2", "trainer.eval_interval=2",
+            "data.num_train=300", "data.num_valid=8", "data.num_test=8", "trainer.eval_max_len=12"]
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "-m", "experiment=" + ",".join(CPU), *tiny,
+         f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
+    assert len(summaries) == len(CPU), list(sweep.iterdir())
+    assert {s["step"] for s in summaries.values()} == {2}
+
+    from scripts.compare import compare
+
+    table = compare(sweep)
+    for experiment in CPU:
+        assert f"| {experiment} |" in table
+    assert table.count("| ok |") == len(CPU)
