@@ -23,6 +23,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and why."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint that would run code when unpickled: never skipped silently."""
+
+
 def _model_fields(cfg) -> dict:
     return OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
 
@@ -93,17 +97,13 @@ def read_checkpoint(path: Path) -> dict:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        if "weights only" in str(error).lower() or "weights_only" in str(error):
+        if "allowed global" in str(error) or "Unsupported global" in str(error):  # not mere corruption
             raise UnsafeCheckpointError(f"refusing checkpoint {path}: it holds objects other than tensors and "
                                         f"plain containers, which could run code when loaded ({first_line})") from error
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(error).__name__}: {first_line})") from error
     if not isinstance(state, dict) or not {"model", "progress", "model_config"} <= state.keys():
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint of this repository")
     return state
-
-
-class UnsafeCheckpointError(CheckpointError):
-    """A checkpoint that would run code when unpickled: never skipped silently."""
 
 
 def latest_checkpoint(checkpoint_dir: Path, report=print) -> tuple[Path, dict] | None:
