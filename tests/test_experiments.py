@@ -60,7 +60,7 @@ def test_paper_settings():
 
 
 PLUGINS = {  # config -> (override that selects it, Python package of its plugin, PyPI name)
-    "hparams_search/sm3_lr.yaml": ("hparams_search=sm3_lr", "hydra_plugins.hydra_optuna_sweeper",
+    "hparams_search/sm3_lr.yaml": ("+hparams_search=sm3_lr", "hydra_plugins.hydra_optuna_sweeper",
                                    "hydra-optuna-sweeper"),
     "hydra/launcher/slurm.yaml": ("hydra/launcher=slurm", "hydra_plugins.hydra_submitit_launcher",
                                   "hydra-submitit-launcher"),
