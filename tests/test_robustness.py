@@ -31,7 +31,9 @@ def cache_dir(tmp_path_factory):
 
 
 def _command(args, cache_dir):
-    return [sys.executable, str(ROOT / "train.py"), *TINY, f"data.cache_dir={cache_dir}", *args]
+    flags = [a for a in args if a.startswith("-")]  # e.g. -m, which must precede the overrides
+    overrides = [a for a in args if not a.startswith("-")]
+    return [sys.executable, str(ROOT / "train.py"), *flags, *TINY, f"data.cache_dir={cache_dir}", *overrides]
 
 
 def _train(args, cwd, cache_dir, env=None):
@@ -161,14 +163,15 @@ def test_sigkill_mid_save_then_sigterm_then_double_sigint(tmp_path, cache_dir):
     assert "checkpoint saved" in line and "143" in line
     assert max(steps_saved()) == stopped_at and len(steps_saved()) == 2
 
-    # it resumes where SIGTERM stopped; two SIGINTs: the second exits at once, status 130
+    # it resumes where SIGTERM stopped; a second signal exits at once, without a checkpoint.
+    # (Two different signals: the OS merges a repeated pending one into a single delivery.)
     process = popen()
     _wait_for(lambda: max(steps_saved()) > stopped_at, process)
     process.send_signal(signal.SIGINT)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
-    assert process.returncode == 130, out + err
-    assert f"at step {stopped_at}" in out and "SIGINT again: exiting now" in err
+    assert process.returncode in (130, 143), out + err
+    assert f"at step {stopped_at}" in out and "again: exiting now" in err and "checkpoint saved" not in err
     assert latest_checkpoint(checkpoints) is not None
 
 
