@@ -200,7 +200,8 @@ def draw_plots(jobs: list[Job], labels: dict[str, str], metric: str, metric_name
     for job in jobs:
         steps, losses = _series([r for r in job.records if "lr" in r], "loss")
         if steps:
-            ax.plot(steps, losses, color=color[job.name], label=labels[job.name], marker="." if len(steps) < 20 else None)
+            ax.plot(steps, losses, color=color[job.name], label=labels[job.name],
+                    marker="." if len(steps) < 20 else None)
     ax.set(xlabel="step", ylabel="training loss (label-smoothed, per token)", title="Training loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
@@ -215,7 +216,8 @@ def draw_plots(jobs: list[Job], labels: dict[str, str], metric: str, metric_name
             if steps:
                 ax.plot(steps, values, style, color=color[job.name], marker="o", markersize=3,
                         label=labels[job.name] + suffix)
-    ax.set(xlabel="step", ylabel=f"validation {metric_name}", title=f"Validation {metric_name}: last iterate (solid), averaged (dashed)")
+    ax.set(xlabel="step", ylabel=f"validation {metric_name}",
+           title=f"Validation {metric_name}: last iterate (solid), averaged (dashed)")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if metric == "ppl":
         ax.set_yscale("log")
