@@ -217,10 +217,10 @@ def test_wandb_unreachable_runs_offline_resumes_same_run_and_rejects_other_model
 def test_nan_steps_skipped_and_a_failing_multirun_job_does_not_stop_the_sweep(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     result = _train(["-m", "trainer.max_bad_steps=2,3", "trainer.debug_nan_steps=[2,3]", "trainer.max_steps=4",
-                     "trainer.checkpoint_interval=1", f"hydra.sweep.dir={sweep}"], tmp_path, cache_dir)
+                     "trainer.checkpoint_interval=1", f"hydra.sweep.dir={sweep}",
+                     "hydra.sweep.subdir=job${hydra.job.num}"], tmp_path, cache_dir)
     assert result.returncode == 1, result.stdout + result.stderr
-    failed, done = sweep / "trainer.debug_nan_steps=[2,3],trainer.max_bad_steps=2", \
-        sweep / "trainer.debug_nan_steps=[2,3],trainer.max_bad_steps=3"
+    failed, done = sweep / "job0", sweep / "job1"  # max_bad_steps=2, =3
     error = json.loads((failed / "failed.json").read_text())["error"]
     assert "TrainingDiverged" in error and "max_bad_steps=2" in error
     assert "1 multirun job(s) failed" in result.stderr
