@@ -257,7 +257,11 @@ def _dense_step(
     if rank <= 1:
         acc = accs[0].view(shape)
     else:
-        views = [a.view([-1 if r == i else 1 for r in range(rank)]) for i, a in enumerate(accs)]
+        # With beta = 0, eps is folded into the (small) accumulators: min_r (a_r + eps) + g^2
+        # is nu + eps up to rounding, which saves a full pass; maxima shed it again below.
+        shift = eps if not beta else 0.0
+        views = [(a + shift if shift else a).view([-1 if r == i else 1 for r in range(rank)])
+                 for i, a in enumerate(accs)]
         # New values of a_2..a_k are maxima over all chunks; a_1 is written chunk by chunk.
         new_accs = [torch.zeros_like(a) for a in accs[1:]]
         other_dims = [tuple(d for d in range(rank) if d != i) for i in range(rank)]
@@ -292,7 +296,10 @@ def _dense_step(
             torch.amax(nu, dim=other_dims[0], out=accs[0][start:stop])
             for i, new in enumerate(new_accs, start=1):
                 torch.maximum(new, torch.amax(nu, dim=other_dims[i]), out=new)
-            nu.add_(eps)
+            if shift:
+                accs[0][start:stop].sub_(shift)
+            else:
+                nu.add_(eps)
         inv_sqrt = nu.rsqrt_()  # 1 / sqrt(nu + eps), in the workspace
         x = param[start:stop]
         x32 = x if x.dtype == dtype else x.to(dtype)
@@ -315,7 +322,7 @@ def _dense_step(
             for i, new in enumerate(new_accs, start=1):
                 reduce_max(i, new)
         for a, new in zip(accs[1:], new_accs):
-            a.copy_(new)
+            torch.sub(new, shift, out=a) if shift else a.copy_(new)
 
 
 def _sparse_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict) -> None:
