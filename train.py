@@ -27,6 +27,7 @@ from pathlib import Path
 import hydra
 import sacrebleu
 import torch
+import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -36,6 +37,7 @@ import schema
 from checkpoint import CheckpointError, latest_checkpoint, restore_checkpoint, save_checkpoint
 from data import DataError, load_translation_data
 from models import build_model
+from models.transformer import sequence_loss
 from optimizers import build_optimizer
 from schedules import build_scheduler
 from sm3 import optimizer_state_bytes
@@ -60,8 +62,20 @@ FAILED_JOBS: list[str] = []  # multirun jobs that raised, reported by cli() afte
 
 def pick_device(name: str) -> torch.device:
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per process
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size): torchrun sets WORLD_SIZE; NCCL on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -150,10 +164,11 @@ def main(cfg: DictConfig) -> float:
 def train(cfg: DictConfig, run_dir: Path) -> float:
     started = time.time()
     checkpoint_dir = run_dir / "checkpoints"
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     trainer = cfg.trainer
-    torch.manual_seed(trainer.seed)
+    torch.manual_seed(trainer.seed)  # the same on every rank: identical initial replicas
     device = pick_device(trainer.device)
+    rank, world_size = init_distributed(device)
+    is_main = rank == 0  # logs, checkpoints, evaluates and talks to W&B
     autocast = autocast_context(trainer.precision.value, device)
 
     data = load_translation_data(cfg.data, seed=trainer.seed)
@@ -161,6 +176,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.schedule, optimizer, trainer.max_steps)
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(trainer.polyak_decay)) if trainer.polyak else None
+    # DDP all-reduces gradients in backward (skipped on accumulation micro-steps, see no_sync)
+    net = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
+        if world_size > 1 else model
     progress = {"step": 0, "epoch": 0, "batch_index": 0, "tokens": 0, "wandb_id": None}
 
     found = latest_checkpoint(checkpoint_dir) if trainer.resume == "auto" else None
@@ -170,18 +189,26 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         print(f"Resuming from {path} at step {progress['step']}")
     progress.setdefault("skipped_steps", 0)
     metrics_path = run_dir / "metrics.jsonl"
-    if progress["step"] == 0:
+    if not is_main:
+        pass
+    elif progress["step"] == 0:
         metrics_path.unlink(missing_ok=True)
     else:  # drop records written after the checkpoint we resume from
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= progress["step"]]
         metrics_path.write_text("".join(line + "\n" for line in kept))
 
-    run = init_wandb(cfg, run_dir, progress["wandb_id"])
-    progress["wandb_id"] = run.id if run is not None else None
+    if is_main:
+        OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
+    run = init_wandb(cfg, run_dir, progress["wandb_id"]) if is_main else None
+    progress["wandb_id"] = run.id if run is not None else progress["wandb_id"]
     parameters = sum(p.numel() for p in model.parameters())
-    print(f"{parameters / 1e6:.2f}M parameters, {cfg.optim.name.value}, device {device}, run dir {run_dir}")
+    if is_main:
+        print(f"{parameters / 1e6:.2f}M parameters, {cfg.optim.name.value}, device {device}, "
+              f"{world_size} process(es), run dir {run_dir}")
 
     def log(record: dict) -> None:
+        if not is_main:
+            return
         with metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if run is not None:
@@ -190,7 +217,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     saved = {"step": progress["step"] if found is not None else -1, "time": time.time()}
 
     def save() -> None:
-        if saved["step"] != progress["step"]:
+        if is_main and saved["step"] != progress["step"]:
             save_checkpoint(checkpoint_dir, cfg, model, optimizer, scheduler, averaged, progress,
                             keep=trainer.keep_checkpoints)
         saved.update(step=progress["step"], time=time.time())
@@ -213,8 +240,12 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             results.update({f"{split}_{k}_averaged": v for k, v in avg.items()})
         return results
 
-    batches = data.batches("train", epoch=progress["epoch"])
-    bar = tqdm(total=trainer.max_steps, initial=progress["step"], disable=not (trainer.progress and sys.stderr.isatty()),
+    def train_batches():  # each rank takes every world_size-th batch of the epoch
+        return data.batches("train", epoch=progress["epoch"], rank=rank, world_size=world_size)
+
+    batches = train_batches()
+    bar = tqdm(total=trainer.max_steps, initial=progress["step"],
+               disable=not (is_main and trainer.progress and sys.stderr.isatty()),
                dynamic_ncols=True)
     train_seconds, window_tokens, window_start = 0.0, 0, time.time()
     bad_in_a_row = 0
@@ -222,28 +253,34 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     try:
         model.train()
         while progress["step"] < trainer.max_steps:
-            if trainer.max_minutes is not None and time.time() - started > 60 * trainer.max_minutes:
-                print(f"Stopping at step {progress['step']}: trainer.max_minutes={trainer.max_minutes} reached")
-                break
             step_start = time.time()
             optimizer.zero_grad(set_to_none=True)
             loss_sum = 0.0
-            for _ in range(trainer.grad_accum):
+            for micro in range(trainer.grad_accum):
                 if progress["batch_index"] >= len(batches):
                     progress["epoch"] += 1
                     progress["batch_index"] = 0
-                    batches = data.batches("train", epoch=progress["epoch"])
+                    batches = train_batches()
                 batch = batches[progress["batch_index"]].to(device)
                 progress["batch_index"] += 1
-                with autocast():
-                    loss, _ = model.loss(batch.src, batch.tgt_in, batch.tgt_out, cfg.model.label_smoothing)
-                loss = loss / batch.num_tokens
-                if progress["step"] + 1 in trainer.debug_nan_steps:
-                    loss = loss * float("nan")
-                (loss / trainer.grad_accum).backward()
+                last_micro = micro == trainer.grad_accum - 1
+                with autocast(), (contextlib.nullcontext() if net is model or last_micro else net.no_sync()):
+                    loss, _ = sequence_loss(net(batch.src, batch.tgt_in), batch.tgt_out, model.pad_id,
+                                            cfg.model.label_smoothing)
+                    loss = loss / batch.num_tokens
+                    if progress["step"] + 1 in trainer.debug_nan_steps:
+                        loss = loss * float("nan")
+                    (loss / trainer.grad_accum).backward()
                 loss_sum += loss.item() / trainer.grad_accum
                 progress["tokens"] += batch.num_tokens
                 window_tokens += batch.num_tokens
+            time_up = trainer.max_minutes is not None and time.time() - started > 60 * trainer.max_minutes
+            if world_size > 1:  # every rank must agree on the loss, a signal and the time budget
+                flags = torch.tensor([loss_sum, float(bool(received)), float(time_up)], dtype=torch.float64)
+                dist.all_reduce(flags)
+                loss_sum, any_signal, time_up = flags[0].item() / world_size, flags[1].item() > 0, flags[2].item() > 0
+                if any_signal and not received:
+                    received.append(signal.SIGTERM)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             if trainer.clip_norm:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.clip_norm)
@@ -280,7 +317,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens_per_second:.0f}")
                 log({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_second": tokens_per_second,
                      "epoch": progress["epoch"], "skipped_steps": progress["skipped_steps"]})
-            if step % trainer.eval_interval == 0 and step < trainer.max_steps:
+            if is_main and step % trainer.eval_interval == 0 and step < trainer.max_steps:
                 last_eval = evaluate_both("valid")
                 log({"step": step, **{k: v for k, v in last_eval.items() if "example" not in k}})
                 bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if "example" not in k))
@@ -293,8 +330,13 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             if step % trainer.checkpoint_interval == 0 or (
                     trainer.checkpoint_minutes is not None and time.time() - saved["time"] > 60 * trainer.checkpoint_minutes):
                 save()
+            if time_up:
+                print(f"Stopping at step {step}: trainer.max_minutes={trainer.max_minutes} reached")
+                break
         bar.close()
         save()
+        if not is_main:
+            return float("nan")
         results = evaluate_both("valid")
         results.update(evaluate_both("test"))
         examples = {k: v for k, v in results.items() if "example" in k}
@@ -325,6 +367,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             signal.signal(signum, handler)
         if run is not None:
             run.finish()
+        if world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def cli() -> None:

@@ -110,12 +110,7 @@ class Transformer(nn.Module):
 
     def loss(self, src: Tensor, tgt_in: Tensor, tgt_out: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
         """(summed label-smoothed cross-entropy, summed negative log-likelihood) over non-pad targets."""
-        logits = self(src, tgt_in).float().flatten(0, 1)
-        target = tgt_out.flatten()
-        smoothed = F.cross_entropy(logits, target, ignore_index=self.pad_id, label_smoothing=label_smoothing,
-                                   reduction="sum")
-        nll = F.cross_entropy(logits, target, ignore_index=self.pad_id, reduction="sum").detach()
-        return smoothed, nll
+        return sequence_loss(self(src, tgt_in), tgt_out, self.pad_id, label_smoothing)
 
     @torch.no_grad()
     def generate(self, src: Tensor, bos_id: int, eos_id: int, max_len: int, beam_size: int = 1,
@@ -161,6 +156,16 @@ class Transformer(nn.Module):
         normalised = scores.view(-1) / (((5 + lengths) / 6) ** alpha)  # GNMT length penalty
         best = normalised.view(batch, beam).argmax(-1) + torch.arange(batch, device=device) * beam
         return [_strip(row, eos_id, self.pad_id) for row in tokens[best, 1:].tolist()]
+
+
+def sequence_loss(logits: Tensor, target: Tensor, pad_id: int, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+    """(summed label-smoothed cross-entropy, summed negative log-likelihood) over non-pad targets.
+
+    A function of the logits, so a wrapped model (DistributedDataParallel) can be called for them."""
+    logits, target = logits.float().flatten(0, 1), target.flatten()
+    smoothed = F.cross_entropy(logits, target, ignore_index=pad_id, label_smoothing=label_smoothing, reduction="sum")
+    nll = F.cross_entropy(logits, target, ignore_index=pad_id, reduction="sum").detach()
+    return smoothed, nll
 
 
 def _strip(ids: list[int], eos_id: int, pad_id: int) -> list[int]:
