@@ -12,10 +12,15 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from data import DataConfig
+from data import DataConfig, LMDataConfig
 
 
 # Choices as str-valued enums: OmegaConf rejects anything else and lists the valid values.
+class ModelName(str, Enum):
+    transformer = "transformer"  # encoder-decoder, translation data
+    transformer_lm = "transformer_lm"  # decoder-only, language-modelling data
+
+
 class OptimName(str, Enum):
     sm3 = "sm3"
     adam = "adam"
@@ -54,12 +59,12 @@ class Precision(str, Enum):
 
 @dataclass
 class ModelConfig:
-    name: str = "transformer"
+    name: ModelName = ModelName.transformer
     d_model: int = 512
     d_ff: int = 2048
     heads: int = 8
     encoder_layers: int = 6
-    decoder_layers: int = 6
+    decoder_layers: int = 6  # transformer_lm: its number of blocks
     dropout: float = 0.1
     pre_norm: bool = True
     label_smoothing: float = 0.1
@@ -126,7 +131,7 @@ class Config:
     model: ModelConfig = MISSING
     optim: OptimConfig = MISSING
     schedule: ScheduleConfig = MISSING
-    data: DataConfig = MISSING
+    data: Any = MISSING  # DataConfig (translation) or LMDataConfig (language modelling), set by the option
     logger: LoggerConfig = MISSING
     trainer: TrainerConfig = MISSING
     experiment: Any = None
@@ -138,3 +143,4 @@ def register() -> None:
     for group, node in [("model", ModelConfig), ("optim", OptimConfig), ("schedule", ScheduleConfig),
                         ("data", DataConfig), ("logger", LoggerConfig), ("trainer", TrainerConfig)]:
         cs.store(group=group, name=f"{group}_schema", node=node)
+    cs.store(group="data", name="lm_data_schema", node=LMDataConfig)

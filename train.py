@@ -1,6 +1,7 @@
-"""Train a translation Transformer with SM3 (or a baseline optimizer) on one config.
+"""Train a translation Transformer (or a language model) with SM3 or a baseline optimizer on one config.
 
     python train.py optim=sm3 model=transformer          # the built-in data, offline
+    python train.py model=transformer_lm_tiny data=builtin_lm   # language modelling, perplexity
     python train.py -m optim=sm3,adam optim.lr=0.1,0.05  # a sweep, one directory per job
 
 Re-running the same command resumes from `<run dir>/checkpoints/last.pt` (or, if that is corrupt,
@@ -35,8 +36,8 @@ from tqdm import tqdm
 
 import schema
 from checkpoint import CheckpointError, latest_checkpoint, restore_checkpoint, save_checkpoint
-from data import DataError, load_translation_data
-from models import build_model
+from data import DataError, load_lm_data, load_translation_data
+from models import TransformerLM, build_model
 from models.transformer import sequence_loss
 from optimizers import build_optimizer
 from schedules import build_scheduler
@@ -88,12 +89,17 @@ def autocast_context(precision: str, device: torch.device):
 
 @torch.no_grad()
 def evaluate(model, data, split: str, cfg, device, autocast) -> dict:
-    """Teacher-forced loss/perplexity and the BLEU of decoded translations."""
+    """Teacher-forced loss/perplexity, and for translation the BLEU of decoded translations."""
     was_training = model.training
     model.eval()
     nll_sum, tokens, hypotheses, references = 0.0, 0, [], []
     for batch in data.batches(split, shuffle=False):
         batch = batch.to(device)
+        if isinstance(model, TransformerLM):  # every target token of the split counted once
+            with autocast():
+                nll_sum += model.loss(batch.input, batch.target)[1].item()
+            tokens += batch.num_tokens
+            continue
         with autocast():
             _, nll = model.loss(batch.src, batch.tgt_in, batch.tgt_out)
             max_len = min(cfg.trainer.eval_max_len, int(1.5 * batch.src.shape[1]) + 10)
@@ -105,6 +111,8 @@ def evaluate(model, data, split: str, cfg, device, autocast) -> dict:
         references += [data.targets[split][i] for i in batch.indices]
     model.train(was_training)
     loss = nll_sum / max(tokens, 1)
+    if isinstance(model, TransformerLM):
+        return {"loss": loss, "ppl": math.exp(min(loss, 50))}
     bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
     return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": bleu, "example": hypotheses[:1]}
 
@@ -171,7 +179,13 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     is_main = rank == 0  # logs, checkpoints, evaluates and talks to W&B
     autocast = autocast_context(trainer.precision.value, device)
 
-    data = load_translation_data(cfg.data, seed=trainer.seed)
+    is_lm = cfg.model.name == schema.ModelName.transformer_lm
+    if is_lm != ("seq_len" in cfg.data):
+        raise DataError(
+            f"model.name={cfg.model.name.value} needs " + ("a language-modelling data option (data=builtin_lm, "
+            "wikitext103, lm1b or local_lm)" if is_lm else "a translation data option (data=builtin, "
+            "wmt14_en_fr, wmt14_en_de or local)") + f", got data.name={cfg.data.name}")
+    data = (load_lm_data if is_lm else load_translation_data)(cfg.data, seed=trainer.seed)
     model = build_model(cfg.model, data.tokenizer.vocab_size, data.tokenizer.pad_id).to(device)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.schedule, optimizer, trainer.max_steps)
@@ -265,8 +279,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 progress["batch_index"] += 1
                 last_micro = micro == trainer.grad_accum - 1
                 with autocast(), (contextlib.nullcontext() if net is model or last_micro else net.no_sync()):
-                    loss, _ = sequence_loss(net(batch.src, batch.tgt_in), batch.tgt_out, model.pad_id,
-                                            cfg.model.label_smoothing)
+                    logits, target = (net(batch.input), batch.target) if is_lm else \
+                        (net(batch.src, batch.tgt_in), batch.tgt_out)
+                    loss, _ = sequence_loss(logits, target, model.pad_id, cfg.model.label_smoothing)
                     loss = loss / batch.num_tokens
                     if progress["step"] + 1 in trainer.debug_nan_steps:
                         loss = loss * float("nan")
@@ -353,14 +368,18 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             "peak_memory_bytes": peak_memory_bytes(device),
             "wall_seconds": time.time() - started,
             "device": str(device),
-            "examples": examples,
+            **({"examples": examples} if examples else {}),  # a decoded sentence per split (translation)
         }
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         if run is not None:
             run.summary.update({k: v for k, v in summary.items() if k != "examples"})
-        print(f"test BLEU {summary['test_bleu']:.2f} (averaged {summary.get('test_bleu_averaged', float('nan')):.2f}), "
-              f"valid BLEU {summary['valid_bleu']:.2f}; summary in {run_dir / 'summary.json'}")
-        return summary.get("valid_bleu_averaged", summary["valid_bleu"])
+        metric = "ppl" if is_lm else "bleu"  # what the run is judged by
+        print(f"test {metric} {summary[f'test_{metric}']:.2f} (averaged "
+              f"{summary.get(f'test_{metric}_averaged', float('nan')):.2f}), valid {metric} "
+              f"{summary[f'valid_{metric}']:.2f}; summary in {run_dir / 'summary.json'}")
+        # For sweepers, higher is better: BLEU, or minus the perplexity
+        best = summary.get(f"valid_{metric}_averaged", summary[f"valid_{metric}"])
+        return -best if is_lm else best
     finally:
         bar.close()
         for signum, handler in previous_handlers.items():
