@@ -69,8 +69,23 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def slurm_to_torchrun_environment() -> None:
+    """Under SLURM with several tasks per job and no torchrun (hydra/launcher=slurm with
+    tasks_per_node > 1, or `srun python train.py`), set torchrun's variables (RANK, WORLD_SIZE,
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's, through submitit's helper."""
+    if "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) < 2:
+        return
+    try:
+        from submitit.helpers import TorchDistributedEnvironment
+    except ImportError as error:
+        raise RuntimeError("several SLURM tasks but no torchrun variables: launch with torchrun, or install "
+                           "submitit (uv run --group sweeps ...) to derive them from SLURM's") from error
+    os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")  # set by submitit's launcher; not under a bare srun
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): torchrun sets WORLD_SIZE; NCCL on CUDA, gloo on CPU."""
+    """(rank, world size): torchrun (or SLURM, see above) sets WORLD_SIZE; NCCL on CUDA, gloo on CPU."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
@@ -174,6 +189,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     checkpoint_dir = run_dir / "checkpoints"
     trainer = cfg.trainer
     torch.manual_seed(trainer.seed)  # the same on every rank: identical initial replicas
+    slurm_to_torchrun_environment()
     device = pick_device(trainer.device)
     rank, world_size = init_distributed(device)
     is_main = rank == 0  # logs, checkpoints, evaluates and talks to W&B

@@ -169,11 +169,22 @@ def markdown_table(jobs: list[Job], labels: dict[str, str], metric: str, metric_
         rows.append([
             f"`{labels[job.name]}`", job.experiment or "–", str(optimizer) if optimizer else "–",
             _fmt(job.get("optim.lr"), 4), f"{max_tokens} x {accum or 1}" if max_tokens else "–",
-            _fmt(s.get(f"test_{metric}")), _fmt(s.get(f"test_{metric}_averaged")),
+            *_quality(s, metric),
             _fmt(state / MB if state is not None else None), _fmt(peak / MB if peak is not None else None, 0),
             _fmt(s.get("tokens_per_second"), 0), job.status,
         ])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def _quality(summary: dict, metric: str) -> list[str]:
+    """Test metric of the last iterate and of the averaged parameters; in a sweep mixing translation
+    and language modelling, a job without the table's metric shows its own, named."""
+    if f"test_{metric}" not in summary:
+        other = {"bleu": "ppl", "ppl": "bleu"}[metric]
+        if f"test_{other}" in summary:
+            unit = {"bleu": " BLEU", "ppl": " ppl"}[other]
+            return [_fmt(summary.get(f"test_{other}{k}")) + unit for k in ("", "_averaged")]
+    return [_fmt(summary.get(f"test_{metric}{k}")) for k in ("", "_averaged")]
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:

@@ -39,3 +39,27 @@ def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
         assert b == pytest.approx(a, rel=1e-5)
     summary = json.loads((double / "summary.json").read_text())
     assert summary["step"] == 4
+
+
+def test_slurm_tasks_become_torchrun_ranks(monkeypatch):
+    """hydra/launcher=slurm with tasks_per_node > 1 (or srun) runs one task per rank without torchrun."""
+    sys.path.insert(0, str(ROOT))
+    import train
+
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                "SUBMITIT_EXECUTOR"):
+        monkeypatch.setenv(key, "")  # recorded, so what the function exports is removed after the test
+        monkeypatch.delenv(key)
+    slurm = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "4", "SLURM_PROCID": "3", "SLURM_LOCALID": "1",
+             "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2",
+             "SLURM_JOB_NODELIST": "gpu[07-08]", "SLURM_STEP_NODELIST": "gpu[07-08]", "SLURM_NTASKS_PER_NODE": "2"}
+    for key, value in slurm.items():
+        monkeypatch.setenv(key, value)
+    train.slurm_to_torchrun_environment()
+    import os
+
+    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("3", "4", "1")
+    assert os.environ["MASTER_ADDR"] == "gpu07" and int(os.environ["MASTER_PORT"]) > 0
+    before = dict(os.environ)
+    train.slurm_to_torchrun_environment()  # torchrun's variables, once set, are left alone
+    assert dict(os.environ) == before

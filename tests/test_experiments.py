@@ -20,8 +20,10 @@ import schema  # noqa: E402
 
 schema.register()
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
-CPU = [e for e in EXPERIMENTS if e.startswith("cpu_builtin_")]
+CPU = [e for e in EXPERIMENTS if e.startswith("cpu_builtin_") and not e.startswith("cpu_builtin_lm_")]
 WMT = [e for e in EXPERIMENTS if e.startswith("wmt14_en_fr_big_")]
+CPU_LM = [e for e in EXPERIMENTS if e.startswith("cpu_builtin_lm_")]
+LM1B = [e for e in EXPERIMENTS if e.startswith("lm1b_transformer_lm_")]
 
 
 def _compose(overrides=(), hydra_config=False):
@@ -40,6 +42,23 @@ def test_every_paper_experiment_has_a_cpu_counterpart_and_back():
     suffixes = {"sm3", "sm3_2x_batch", "adam", "adagrad", "adafactor"}
     assert {e.removeprefix("wmt14_en_fr_big_") for e in WMT} == suffixes
     assert {e.removeprefix("cpu_builtin_") for e in CPU} == suffixes
+    lm = {"sm3", "adam", "adagrad", "adafactor"}
+    assert {e.removeprefix("lm1b_transformer_lm_") for e in LM1B} == lm
+    assert {e.removeprefix("cpu_builtin_lm_") for e in CPU_LM} == lm
+    assert set(EXPERIMENTS) == set(CPU + WMT + CPU_LM + LM1B)  # nothing unaccounted for
+
+
+def test_language_model_experiments():
+    for experiment in LM1B:
+        cfg = _compose([f"experiment={experiment}"])
+        assert cfg.model.name.value == "transformer_lm" and cfg.data.name == "lm1b"
+        assert cfg.optim.name.value == experiment.removeprefix("lm1b_transformer_lm_")
+        assert cfg.data.max_tokens == 16384 and cfg.trainer.max_minutes is None  # one batch for all
+    sm3 = _compose(["experiment=lm1b_transformer_lm_sm3"])
+    assert (sm3.optim.momentum, sm3.optim.beta, sm3.schedule.name.value) == (0.9, 0.0, "quadratic_warmup")
+    for experiment in CPU_LM:
+        cfg = _compose([f"experiment={experiment}"])
+        assert (cfg.model.name.value, cfg.model.d_model, cfg.data.name) == ("transformer_lm", 128, "builtin")
 
 
 def test_paper_settings():
@@ -81,7 +100,7 @@ def test_plugin_configs(path):
     text = yaml.safe_load((ROOT / "conf" / path).read_text())
     assert text["defaults"], path  # readable YAML that selects the plugin's base config
     if not _installed(module):
-        pytest.skip(f"{package} is not installed (optional: uv pip install {package})")
+        pytest.skip(f"{package} is not installed (optional: uv run --group sweeps pytest)")
     cfg = _compose([override, "experiment=cpu_builtin_sm3"], hydra_config=True)
     if "optuna" in package:
         assert cfg.hydra.sweeper.direction == "maximize" and "optim.lr" in cfg.hydra.sweeper.params
@@ -90,23 +109,25 @@ def test_plugin_configs(path):
 
 
 def test_cpu_experiments_run_through_the_cli(tmp_path):
-    """All CPU counterparts as one multirun of two steps each, then compared."""
+    """All CPU counterparts (translation and language modelling) as one multirun of two steps each, then compared."""
     sweep = tmp_path / "sweep"
     tiny = ["logger=none", "trainer.progress=false", "trainer.max_steps=2", "trainer.eval_interval=2",
             "trainer.polyak=false", "data.num_train=300", "data.num_valid=8", "data.num_test=8",
             "trainer.eval_max_len=12"]
     result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "experiment=" + ",".join(CPU), *tiny,
+        [sys.executable, str(ROOT / "train.py"), "-m", "experiment=" + ",".join(CPU + CPU_LM), *tiny,
          f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
-    assert len(summaries) == len(CPU), list(sweep.iterdir())
+    assert len(summaries) == len(CPU + CPU_LM), list(sweep.iterdir())
     assert {s["step"] for s in summaries.values()} == {2}
+    assert sum("test_ppl" in s for s in summaries.values()) == len(CPU_LM)
 
     from scripts.compare import compare
 
     table = compare(sweep)
-    for experiment in CPU:
+    for experiment in CPU + CPU_LM:
         assert f"| {experiment} |" in table
-    assert table.count("| ok |") == len(CPU)
+    assert table.count("| ok |") == len(CPU + CPU_LM)
+    assert table.count(" ppl |") == 2 * len(CPU_LM)  # LM rows name their metric in the BLEU table
