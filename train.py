@@ -390,8 +390,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         if run is not None:
             run.summary.update({k: v for k, v in summary.items() if k != "examples"})
         metric = "ppl" if is_lm else "bleu"  # what the run is judged by
-        print(f"test {metric} {summary[f'test_{metric}']:.2f} (averaged "
-              f"{summary.get(f'test_{metric}_averaged', float('nan')):.2f}), valid {metric} "
+        name = "perplexity" if is_lm else "BLEU"
+        print(f"test {name} {summary[f'test_{metric}']:.2f} (averaged "
+              f"{summary.get(f'test_{metric}_averaged', float('nan')):.2f}), valid {name} "
               f"{summary[f'valid_{metric}']:.2f}; summary in {run_dir / 'summary.json'}")
         # For sweepers, higher is better: BLEU, or minus the perplexity
         best = summary.get(f"valid_{metric}_averaged", summary[f"valid_{metric}"])

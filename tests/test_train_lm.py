@@ -36,7 +36,7 @@ def test_lm_end_to_end_perplexity_and_exact_resume(tmp_path, cache_dir):
     common = TINY_LM + [f"data.cache_dir={cache_dir}"]
     straight = tmp_path / "straight"
     result = _train(common + ["trainer.max_steps=6", f"hydra.run.dir={straight}"], tmp_path)
-    assert "test ppl" in result.stdout
+    assert "test perplexity" in result.stdout
     summary = json.loads((straight / "summary.json").read_text())
     for split in ("valid", "test"):
         for suffix in ("", "_averaged"):
