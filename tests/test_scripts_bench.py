@@ -97,3 +97,17 @@ def test_bench_optim_tiny_end_to_end(tmp_path):
         assert f"| {label} |" in table
     assert "threads: 1" in table and "60,524,544" not in table
     assert png.stat().st_size > 10_000
+
+
+def test_bench_loop_measures_both_loops(tmp_path):
+    out = tmp_path / "loop.md"
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_loop.py"), "--steps", "40", "--rounds", "1", "--out", str(out),
+         "data.num_train=400", "data.num_valid=8", "data.num_test=8", f"data.cache_dir={tmp_path / 'cache'}"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    table = out.read_text()
+    rates = [float(line.split("|")[2]) for line in table.splitlines() if line.startswith("| ") and "loop" not in line
+             and "---" not in line]
+    assert len(rates) == 2 and all(rate > 0 for rate in rates)
+    assert "overhead" in table and "%" in table
