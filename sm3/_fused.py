@@ -49,10 +49,16 @@ def native_extension():
                 raise RuntimeError("SM3_DISABLE_NATIVE is set")
             from torch.utils.cpp_extension import load
 
+            flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+            if platform.machine() in ("x86_64", "AMD64"):
+                # GCC keeps to 256-bit vectors on AVX-512 CPUs unless told: 512 measured ~15% faster
+                # on a Sapphire Rapids core (no effect on CPUs without AVX-512).
+                flags.append("-mprefer-vector-width=512")
+            tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:6]
             _native = load(
-                name=f"sm3_fused_cpu_{_cpu_tag()}",
+                name=f"sm3_fused_cpu_{_cpu_tag()}_{tag}",
                 sources=[str(_CSRC / "sm3_fused.cpp")],
-                extra_cflags=["-O3", "-march=native", "-fno-math-errno", "-fopenmp"],
+                extra_cflags=flags,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
