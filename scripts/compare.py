@@ -1,7 +1,7 @@
 """Compare the jobs of a multirun: one markdown table and three PNG plots.
 
     python scripts/compare.py multirun/train              # writes comparison.md and *.png there
-    python scripts/compare.py multirun/train --out report
+    python scripts/compare.py multirun/train --out report   # comparison.md and the PNGs in report/
 
 Each job directory holds `config.yaml`, `metrics.jsonl` and `summary.json` (see train.py);
 a job that crashed holds `failed.json` ({"error": ...}) and maybe no summary. The table
@@ -263,7 +263,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def compare(root: Path, out: Optional[Path] = None) -> str:
-    """Write `root/comparison.md` and the plots (into `out`, default `root`); return the table."""
+    """Write `comparison.md` and the plots into `out` (default `root`); return the table."""
     jobs = find_jobs(root)
     if not jobs:
         raise SystemExit(f"no job directories under {root}")
@@ -276,15 +276,15 @@ def compare(root: Path, out: Optional[Path] = None) -> str:
     lines = [f"# {root.name}: {len(jobs)} jobs", ""]
     if common:
         lines += ["Overrides shared by every job: " + ", ".join(f"`{o}`" for o in common), ""]
-    lines += [table, *(f"![{p.stem}]({os.path.relpath(p, root)})" for p in plots), ""]
-    (root / "comparison.md").write_text("\n".join(lines))
+    lines += [table, *(f"![{p.stem}]({os.path.relpath(p, out)})" for p in plots), ""]
+    (out / "comparison.md").write_text("\n".join(lines))
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, help="a multirun directory (hydra.sweep.dir)")
-    parser.add_argument("--out", type=Path, default=None, help="where the PNGs go (default: DIR)")
+    parser.add_argument("--out", type=Path, default=None, help="where comparison.md and the PNGs go (default: DIR)")
     args = parser.parse_args()
     print(compare(args.dir, args.out), end="")
 

@@ -61,3 +61,4 @@ def test_compare_a_real_multirun_with_a_failed_job(tmp_path):
     table = compare(sweep, tmp_path / "plots")
     assert "| incomplete |" in table.replace("`optim=sgd`", "")
     assert (tmp_path / "plots" / "loss.png").stat().st_size > 10_000
+    assert "![loss](loss.png)" in (tmp_path / "plots" / "comparison.md").read_text()  # links relative to it
