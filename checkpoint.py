@@ -4,11 +4,28 @@ Layout of ``<run dir>/checkpoints/``: ``step-000123.pt`` per save (the newest ``
 ``last.pt``, a hard link to (or copy of) the newest. A reader tries ``last.pt`` and then the step files,
 newest first, skipping any that is truncated or corrupt, so a crash (even SIGKILL) mid-save never
 leaves a run unable to resume.
+
+FSDP runs (``trainer.parallel=fsdp``) write sharded checkpoints through torch.distributed.checkpoint
+(DCP) instead: a directory ``step-000123/`` per save holding each rank's shards of the model, optimizer
+and averaged model (``__R_0.distcp``, DCP's ``.metadata``), ``state.pt`` (progress, scheduler, the model
+config, the optimizer's non-tensor state) and ``rng-R.pt`` (rank R's RNG states). Every rank writes into
+``step-000123.tmp/``; after a barrier rank 0 renames it into place, so a save killed midway leaves no
+step directory. The newest ``keep`` directories are kept; the newest whose files are all present and
+complete is resumed from. Nothing is unpickled freely: ``state.pt`` and ``rng-R.pt`` load with
+weights_only, DCP's ``.metadata`` with an unpickler that admits only DCP's own metadata classes, and a
+checkpoint holding non-tensor DCP entries (which DCP would unpickle) is refused.
+
+Resuming on another world size works: DCP reshards the model, optimizer and averaged-model state on
+load. The data position is converted (the batches consumed so far, ``batch_index * old world size``,
+divided by the new one), but batches are sharded by rank, so the data order (which batches make up each
+step, and a few batches around the resume point) differs from an uninterrupted run; ranks beyond the old
+world size keep their freshly seeded RNG state. With the same world size a resumed run continues exactly.
 """
 
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +34,7 @@ import torch
 from omegaconf import OmegaConf
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
+STEP_DIR = re.compile(r"^step-(\d+)$")  # FSDP: one DCP directory per save
 
 
 class CheckpointError(RuntimeError):
@@ -70,8 +88,7 @@ def save_checkpoint(checkpoint_dir: Path, cfg, model, optimizer, scheduler, aver
         "scheduler": scheduler.state_dict(),
         "averaged": averaged.state_dict() if averaged is not None else None,
         "progress": dict(progress),
-        "rng": {"torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "rng": _rng_state(),
         "model_config": _model_fields(cfg),
     }
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -90,17 +107,22 @@ def save_checkpoint(checkpoint_dir: Path, cfg, model, optimizer, scheduler, aver
     return path
 
 
-def read_checkpoint(path: Path) -> dict:
-    """The saved state, or a CheckpointError: unreadable/corrupt, or holding more than tensors and
-    plain containers (weights_only: a pickle that would run code is refused, never executed)."""
+def _load_weights_only(path: Path):
+    """torch.load with weights_only: a pickle that would run code is refused (UnsafeCheckpointError), never executed."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if "allowed global" in str(error) or "Unsupported global" in str(error):  # not mere corruption
             raise UnsafeCheckpointError(f"refusing checkpoint {path}: it holds objects other than tensors and "
                                         f"plain containers, which could run code when loaded ({first_line})") from error
         raise CheckpointError(f"checkpoint {path} is unreadable ({type(error).__name__}: {first_line})") from error
+
+
+def read_checkpoint(path: Path) -> dict:
+    """The saved state, or a CheckpointError: unreadable/corrupt, or holding more than tensors and
+    plain containers (weights_only: a pickle that would run code is refused, never executed)."""
+    state = _load_weights_only(path)
     if not isinstance(state, dict) or not {"model", "progress", "model_config"} <= state.keys():
         raise CheckpointError(f"checkpoint {path} is not a training checkpoint of this repository")
     return state
@@ -123,17 +145,35 @@ def latest_checkpoint(checkpoint_dir: Path, report=print) -> tuple[Path, dict] |
     if problems:
         raise CheckpointError(f"no readable checkpoint in {checkpoint_dir} (tried {', '.join(problems)}); "
                               "use trainer.resume=never or another run directory")
+    if step_dirs(checkpoint_dir):
+        raise CheckpointError(f"{checkpoint_dir} holds only sharded checkpoints (step-NNNNNN/ directories) of an "
+                              "FSDP run: resume with trainer.parallel=fsdp under torchrun, or use trainer.resume=never")
     return None
 
 
-def restore_checkpoint(state: dict, path: Path, cfg, model, optimizer, scheduler, averaged) -> dict:
-    """Restores the objects in place and returns the saved progress (step, data position...)."""
-    saved, current = state["model_config"], _model_fields(cfg)
+def _check_model_config(saved: dict, path: Path, cfg) -> None:
+    current = _model_fields(cfg)
     mismatched = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if mismatched:
         details = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in mismatched)
         raise CheckpointError(f"checkpoint {path} was written for another model ({details}); "
                               "use trainer.resume=never or another run directory")
+
+
+def _restore_rng(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"]:
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore_checkpoint(state: dict, path: Path, cfg, model, optimizer, scheduler, averaged) -> dict:
+    """Restores the objects in place and returns the saved progress (step, data position...)."""
+    _check_model_config(state["model_config"], path, cfg)
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -143,12 +183,230 @@ def restore_checkpoint(state: dict, path: Path, cfg, model, optimizer, scheduler
         raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer ({first_line})") from error
     if averaged is not None and state["averaged"] is not None:
         averaged.load_state_dict(state["averaged"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if state["rng"]["cuda"]:
-        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    _restore_rng(state["rng"])
     return state["progress"]
 
 
 def load_checkpoint(path: Path, cfg, model, optimizer, scheduler, averaged) -> dict:
     """One named checkpoint file: read safely and restored in place; returns the saved progress."""
     return restore_checkpoint(read_checkpoint(path), path, cfg, model, optimizer, scheduler, averaged)
+
+
+# --- sharded (FSDP) checkpoints through torch.distributed.checkpoint ---------------------------------
+
+# What DCP's `.metadata` pickle may name: its own metadata classes, sizes, dtypes (below), layouts, paths.
+_METADATA_GLOBALS = {
+    ("torch", "Size"), ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+    *(("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    *((module, name) for module in ("pathlib", "pathlib._local") for name in ("PosixPath", "WindowsPath")),
+}
+
+
+class _ForbiddenGlobal(pickle.UnpicklingError):
+    pass
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _METADATA_GLOBALS or (
+                module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise _ForbiddenGlobal(f"{module}.{name}")
+
+
+def _read_metadata(path: Path):
+    """DCP's metadata of checkpoint directory ``path``, unpickled without running code."""
+    try:
+        with open(path / ".metadata", "rb") as f:
+            return _MetadataUnpickler(f).load()
+    except _ForbiddenGlobal as error:
+        raise UnsafeCheckpointError(f"refusing checkpoint {path}: its .metadata names {error}, which could run "
+                                    "code when loaded") from error
+    except Exception as error:
+        raise CheckpointError(f"checkpoint {path} is unreadable (.metadata: {type(error).__name__}: {error})") from error
+
+
+def _safe_reader(path: Path):
+    """DCP's file reader, with the metadata read by the restricted unpickler (DCP's own uses pickle.load)."""
+    from torch.distributed.checkpoint import FileSystemReader  # imported here: it costs seconds
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata = _read_metadata(Path(self.path))
+            metadata.storage_meta = metadata.storage_meta or StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return SafeReader(path)
+
+
+def step_dirs(checkpoint_dir: Path) -> list[Path]:
+    """``step-*/`` checkpoint directories, newest (highest step) first."""
+    if not checkpoint_dir.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _split(tree: dict) -> tuple[dict, dict]:
+    """(tensor leaves, other leaves) of a nested dict, each with the same nesting: DCP saves the
+    first (sharded), ``state.pt`` the second, so DCP never has to unpickle anything."""
+    tensors, rest = {}, {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            tensors[key], rest[key] = _split(value)
+        elif isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            rest[key] = value
+    return tensors, rest
+
+
+def _merge(tensors: dict, rest: dict) -> dict:
+    merged = dict(tensors)
+    for key, value in rest.items():
+        merged[key] = _merge(merged.get(key, {}), value) if isinstance(value, dict) else value
+    return merged
+
+
+def _max_over_ranks(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    reduced = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return reduced.tolist()
+
+
+def _sharded_state(model, optimizer, averaged) -> dict:
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    if averaged is not None:
+        state["averaged"] = get_model_state_dict(averaged)
+    return state
+
+
+def save_sharded_checkpoint(checkpoint_dir: Path, cfg, model, optimizer, scheduler, averaged, progress: dict,
+                            keep: int = 3) -> Path:
+    """FSDP: every rank calls this; writes ``step-NNNNNN/`` (see the module docstring) and removes
+    directories beyond the newest ``keep``. Refuses non-finite parameters on every rank alike."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    state = _sharded_state(model, optimizer, averaged)
+    names = [name for name, tensor in state["model"].items() if tensor.is_floating_point()]
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in (state["model"][name] for name in names)]
+    bad = _max_over_ranks([float(not torch.isfinite(t).all()) for t in local])  # each rank checks its shards
+    if any(bad):
+        raise CheckpointError(f"refusing to checkpoint step {progress['step']}: parameter "
+                              f"{names[bad.index(1.0)]} is not finite")
+    tensors, rest = _split(state)
+    final = checkpoint_dir / f"step-{progress['step']:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if rank == 0:
+        for stale in checkpoint_dir.glob("step-*.tmp"):  # left by saves that were killed
+            shutil.rmtree(stale)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    _atomic_write(_rng_state(), tmp / f"rng-{rank}.pt")
+    dcp.save(tensors, checkpoint_id=tmp)  # returns on every rank once all shards and .metadata are written
+    if rank == 0:
+        _atomic_write({"progress": dict(progress), "scheduler": scheduler.state_dict(), "world_size": world_size,
+                       "model_config": _model_fields(cfg), "non_tensor": rest}, tmp / "state.pt")
+    dist.barrier()
+    if rank == 0:
+        if final.exists():  # a corrupt one of the same step, from before the resume
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in step_dirs(checkpoint_dir)[max(keep, 1):]:
+            shutil.rmtree(old)
+        _sync_dir(checkpoint_dir)
+    dist.barrier()
+    return final
+
+
+def read_sharded_state(path: Path, rank: int) -> dict:
+    """The non-tensor state of checkpoint directory ``path`` (with ``rng``: this rank's RNG states, None
+    beyond the saved world size), after checking that DCP's metadata is safe and every shard file it
+    names is present and long enough. A CheckpointError names what is wrong."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    state = _load_weights_only(path / "state.pt")
+    if not isinstance(state, dict) or not {"progress", "model_config", "world_size", "non_tensor"} <= state.keys():
+        raise CheckpointError(f"checkpoint {path} is not a sharded training checkpoint of this repository")
+    state["rng"] = _load_weights_only(path / f"rng-{rank}.pt") if rank < state["world_size"] else None
+    metadata = _read_metadata(path)
+    pickled = [fqn for fqn, entry in metadata.state_dict_metadata.items() if isinstance(entry, BytesStorageMetadata)]
+    if pickled:
+        raise UnsafeCheckpointError(f"refusing checkpoint {path}: entries {', '.join(pickled[:3])} are pickled "
+                                    "objects, which could run code when loaded")
+    needed: dict[str, int] = {}
+    for item in metadata.storage_data.values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for name, length in sorted(needed.items()):
+        size = (path / name).stat().st_size if (path / name).is_file() else None
+        if size is None or size < length:
+            raise CheckpointError(f"checkpoint {path} is incomplete ({name} " +
+                                  ("is missing)" if size is None else f"has {size} of {length} bytes)"))
+    return state
+
+
+def load_sharded_checkpoint(checkpoint_dir: Path, cfg, model, optimizer, scheduler, averaged,
+                            report=print) -> tuple[Path, dict] | None:
+    """FSDP: every rank calls this. Restores the newest complete ``step-NNNNNN/`` in place (resharded
+    by DCP if the world size changed) and returns (its path, the saved progress); None when there is
+    none. The ranks agree on which directory to use; any CheckpointError is raised on every rank."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    rank, world_size = dist.get_rank(), dist.get_world_size()
+    candidates = step_dirs(checkpoint_dir)
+    if not candidates and step_files(checkpoint_dir):
+        raise CheckpointError(f"{checkpoint_dir} holds single-file checkpoints (step-NNNNNN.pt) of a 1-process or "
+                              "DDP run, not sharded ones: resume without trainer.parallel=fsdp, or use "
+                              "trainer.resume=never")
+    problems = []
+    for path in candidates:
+        problem, unsafe = None, False
+        try:
+            state = read_sharded_state(path, rank)
+        except CheckpointError as error:
+            problem, unsafe = error, isinstance(error, UnsafeCheckpointError)
+        worst = _max_over_ranks([float(problem is not None) + float(unsafe)])[0]
+        if worst == 2:  # never skipped in favour of an older one
+            raise problem if unsafe else UnsafeCheckpointError(f"refusing checkpoint {path}: unsafe on another rank")
+        if worst == 1:
+            report(f"warning: skipping {problem or f'checkpoint {path}: unreadable on another rank'}")
+            problems.append(path.name)
+            continue
+        _check_model_config(state["model_config"], path, cfg)
+        live = _sharded_state(model, optimizer, averaged if "averaged" in state["non_tensor"] else None)
+        tensors, _ = _split(live)
+        try:
+            dcp.load(tensors, storage_reader=_safe_reader(path))
+        except Exception as error:  # raised on every rank: DCP gathers the failures
+            lines = str(error).strip().splitlines()
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer or is corrupt "
+                                  f"({type(error).__name__}: {lines[-1] if lines else ''})") from error
+        loaded = _merge(tensors, state["non_tensor"])
+        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+        if "averaged" in live:
+            set_model_state_dict(averaged, loaded["averaged"])
+        scheduler.load_state_dict(state["scheduler"])
+        if state["rng"] is not None:
+            _restore_rng(state["rng"])
+        progress = state["progress"]
+        progress["batch_index"] = progress["batch_index"] * state["world_size"] // world_size
+        return path, progress
+    if problems:
+        raise CheckpointError(f"no readable checkpoint in {checkpoint_dir} (tried {', '.join(problems)}); "
+                              "use trainer.resume=never or another run directory")
+    return None

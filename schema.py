@@ -51,6 +51,11 @@ class Resume(str, Enum):
     never = "never"
 
 
+class Parallel(str, Enum):
+    ddp = "ddp"  # under torchrun: replicas, gradients all-reduced (one process: no wrapper)
+    fsdp = "fsdp"  # under torchrun: FSDP2, parameters/gradients/optimizer state sharded over the ranks
+
+
 class Precision(str, Enum):
     auto = "auto"
     fp32 = "fp32"
@@ -108,6 +113,7 @@ class TrainerConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA that supports it, else fp32
     grad_accum: int = 1
+    parallel: Parallel = Parallel.ddp  # fsdp: sharded training and checkpoints (needs torchrun)
     clip_norm: Optional[float] = None
     log_interval: int = 10
     eval_interval: int = 200

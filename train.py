@@ -5,7 +5,8 @@
     python train.py -m optim=sm3,adam optim.lr=0.1,0.05  # a sweep, one directory per job
 
 Re-running the same command resumes from `<run dir>/checkpoints/last.pt` (or, if that is corrupt,
-the newest readable `step-NNNNNN.pt`).
+the newest readable `step-NNNNNN.pt`); FSDP runs (`torchrun ... train.py trainer.parallel=fsdp`) from
+the newest complete sharded `step-NNNNNN/` directory (see checkpoint.py).
 
 Exit status: 0 done; 2 bad input (config, data files, unusable checkpoint), as one `error: ...` line;
 1 training diverged (trainer.max_bad_steps consecutive NaN/inf steps) or a multirun job failed;
@@ -35,7 +36,8 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 import schema
-from checkpoint import CheckpointError, latest_checkpoint, restore_checkpoint, save_checkpoint
+from checkpoint import (CheckpointError, latest_checkpoint, load_sharded_checkpoint, restore_checkpoint,
+                        save_checkpoint, save_sharded_checkpoint)
 from data import DataError, load_lm_data, load_translation_data
 from models import TransformerLM, build_model
 from models.transformer import sequence_loss
@@ -56,6 +58,10 @@ class Preempted(Exception):
 
 class TrainingDiverged(RuntimeError):
     pass
+
+
+class ConfigError(ValueError):
+    """A valid config that cannot run as launched (e.g. trainer.parallel=fsdp without torchrun)."""
 
 
 FAILED_JOBS: list[str] = []  # multirun jobs that raised, reported by cli() after the sweep
@@ -84,14 +90,33 @@ def slurm_to_torchrun_environment() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size): torchrun (or SLURM, see above) sets WORLD_SIZE; NCCL on CUDA, gloo on CPU."""
+def init_distributed(device: torch.device, fsdp: bool = False) -> tuple[int, int]:
+    """(rank, world size): torchrun (or SLURM, see above) sets WORLD_SIZE; NCCL on CUDA, gloo on CPU.
+    FSDP needs a process group even for a single torchrun process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size > 1 and not dist.is_initialized():
+    if fsdp and "WORLD_SIZE" not in os.environ:
+        raise ConfigError("trainer.parallel=fsdp needs torchrun: torchrun --nproc_per_node=N train.py "
+                          "trainer.parallel=fsdp ...")
+    if (world_size > 1 or fsdp) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world_size) if world_size > 1 else (0, 1)
+    return (dist.get_rank(), world_size) if dist.is_initialized() else (0, 1)
+
+
+def shard_model(model: torch.nn.Module, device: torch.device) -> None:
+    """FSDP2 in place: each transformer block is a unit (all-gathered just before it runs, freed after),
+    then the root (embedding, final norms). Parameters become DTensors sharded over the ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    blocks = model.blocks if isinstance(model, TransformerLM) else [*model.encoder, *model.decoder]
+    for block in blocks:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    if not isinstance(model, TransformerLM):
+        register_fsdp_forward_method(model, "generate")  # decoding calls encode/decode, not forward
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -191,8 +216,9 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     torch.manual_seed(trainer.seed)  # the same on every rank: identical initial replicas
     slurm_to_torchrun_environment()
     device = pick_device(trainer.device)
-    rank, world_size = init_distributed(device)
-    is_main = rank == 0  # logs, checkpoints, evaluates and talks to W&B
+    fsdp = trainer.parallel == schema.Parallel.fsdp
+    rank, world_size = init_distributed(device, fsdp)
+    is_main = rank == 0  # logs, checkpoints (DDP), evaluates (DDP) and talks to W&B
     autocast = autocast_context(trainer.precision.value, device)
 
     is_lm = cfg.model.name == schema.ModelName.transformer_lm
@@ -203,20 +229,33 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             "wmt14_en_fr, wmt14_en_de or local)") + f", got data.name={cfg.data.name}")
     data = (load_lm_data if is_lm else load_translation_data)(cfg.data, seed=trainer.seed)
     model = build_model(cfg.model, data.tokenizer.vocab_size, data.tokenizer.pad_id).to(device)
+    parameters = sum(p.numel() for p in model.parameters())
+    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(trainer.polyak_decay)) if trainer.polyak else None
+    # FSDP: the averaged copy is sharded alike, so its updates go shard to shard
+    fsdp_modules = [model] + ([averaged.module] if averaged is not None else []) if fsdp else []
+    for module in fsdp_modules:
+        shard_model(module, device)
     optimizer = build_optimizer(cfg.optim, model.parameters())
     scheduler = build_scheduler(cfg.schedule, optimizer, trainer.max_steps)
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(trainer.polyak_decay)) if trainer.polyak else None
-    # DDP all-reduces gradients in backward (skipped on accumulation micro-steps, see no_sync)
+    # DDP all-reduces gradients in backward (skipped on accumulation micro-steps, see no_sync); FSDP
+    # reduce-scatters them (skipped alike, see set_requires_gradient_sync) and is `model` itself.
     net = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
-        if world_size > 1 else model
+        if world_size > 1 and not fsdp else model
     progress = {"step": 0, "epoch": 0, "batch_index": 0, "tokens": 0, "wandb_id": None}
 
-    found = latest_checkpoint(checkpoint_dir) if trainer.resume == "auto" else None
+    found = None
+    if trainer.resume == "auto" and fsdp:
+        found = load_sharded_checkpoint(checkpoint_dir, cfg, model, optimizer, scheduler, averaged,
+                                        report=print if is_main else lambda line: None)
+    elif trainer.resume == "auto":
+        found = latest_checkpoint(checkpoint_dir)
+        if found is not None:
+            found = found[0], restore_checkpoint(found[1], found[0], cfg, model, optimizer, scheduler, averaged)
     if found is not None:
-        path, state = found
-        progress = restore_checkpoint(state, path, cfg, model, optimizer, scheduler, averaged)
-        print(f"Resuming from {path} at step {progress['step']}")
+        path, progress = found
+        if is_main or not fsdp:
+            print(f"Resuming from {path} at step {progress['step']}")
     progress.setdefault("skipped_steps", 0)
     metrics_path = run_dir / "metrics.jsonl"
     if not is_main:
@@ -231,7 +270,6 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     run = init_wandb(cfg, run_dir, progress["wandb_id"]) if is_main else None
     progress["wandb_id"] = run.id if run is not None else progress["wandb_id"]
-    parameters = sum(p.numel() for p in model.parameters())
     if is_main:
         print(f"{parameters / 1e6:.2f}M parameters, {cfg.optim.name.value}, device {device}, "
               f"{world_size} process(es), run dir {run_dir}")
@@ -247,7 +285,10 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     saved = {"step": progress["step"] if found is not None else -1, "time": time.time()}
 
     def save() -> None:
-        if is_main and saved["step"] != progress["step"]:
+        if fsdp and saved["step"] != progress["step"]:  # every rank writes its shards
+            save_sharded_checkpoint(checkpoint_dir, cfg, model, optimizer, scheduler, averaged, progress,
+                                    keep=trainer.keep_checkpoints)
+        elif is_main and saved["step"] != progress["step"]:
             save_checkpoint(checkpoint_dir, cfg, model, optimizer, scheduler, averaged, progress,
                             keep=trainer.keep_checkpoints)
         saved.update(step=progress["step"], time=time.time())
@@ -268,6 +309,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         if averaged is not None:
             avg = evaluate(averaged.module, data, split, cfg, device, autocast)
             results.update({f"{split}_{k}_averaged": v for k, v in avg.items()})
+        for module in fsdp_modules:  # an FSDP root stays gathered after a forward without backward
+            module.reshard()
         return results
 
     def train_batches():  # each rank takes every world_size-th batch of the epoch
@@ -294,6 +337,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 batch = batches[progress["batch_index"]].to(device)
                 progress["batch_index"] += 1
                 last_micro = micro == trainer.grad_accum - 1
+                if fsdp:
+                    model.set_requires_gradient_sync(last_micro)
                 with autocast(), (contextlib.nullcontext() if net is model or last_micro else net.no_sync()):
                     logits, target = (net(batch.input), batch.target) if is_lm else \
                         (net(batch.src, batch.tgt_in), batch.tgt_out)
@@ -317,6 +362,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.clip_norm)
             else:
                 grad_norm = torch.nn.utils.get_total_norm(grads)
+            if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
+                grad_norm = grad_norm.full_tensor()
             good = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
             if good:
                 optimizer.step()
@@ -348,15 +395,19 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens_per_second:.0f}")
                 log({"step": step, "loss": loss_sum, "lr": lr, "tokens_per_second": tokens_per_second,
                      "epoch": progress["epoch"], "skipped_steps": progress["skipped_steps"]})
-            if is_main and step % trainer.eval_interval == 0 and step < trainer.max_steps:
+            # FSDP: every rank evaluates (each forward all-gathers the parameters); rank 0 reports
+            if (is_main or fsdp) and step % trainer.eval_interval == 0 and step < trainer.max_steps:
                 last_eval = evaluate_both("valid")
                 log({"step": step, **{k: v for k, v in last_eval.items() if "example" not in k}})
-                bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items() if "example" not in k))
+                if is_main:
+                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.3f}" for k, v in last_eval.items()
+                                                            if "example" not in k))
             if received:
                 save()
                 name, code = signal.Signals(received[0]).name, trainer.requeue_exit_code
                 code = 128 + received[0] if code is None else code
-                raise Preempted(f"{name} at step {step}: checkpoint saved to {checkpoint_dir / 'last.pt'}; "
+                latest = checkpoint_dir / (f"step-{step:06d}" if fsdp else "last.pt")
+                raise Preempted(f"{name} at step {step}: checkpoint saved to {latest}; "
                                 f"exiting with status {code} (requeue: the same command resumes)", code)
             if step % trainer.checkpoint_interval == 0 or (
                     trainer.checkpoint_minutes is not None and time.time() - saved["time"] > 60 * trainer.checkpoint_minutes):
@@ -366,10 +417,12 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
                 break
         bar.close()
         save()
-        if not is_main:
+        if not (is_main or fsdp):
             return float("nan")
         results = evaluate_both("valid")
         results.update(evaluate_both("test"))
+        if not is_main:
+            return float("nan")
         examples = {k: v for k, v in results.items() if "example" in k}
         results = {k: v for k, v in results.items() if "example" not in k}
         log({"step": progress["step"], **results})
@@ -403,7 +456,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             signal.signal(signum, handler)
         if run is not None:
             run.finish()
-        if world_size > 1 and dist.is_initialized():
+        if dist.is_initialized():
             dist.destroy_process_group()
 
 
@@ -418,7 +471,7 @@ def cli() -> None:
     except Preempted as stop:
         print(stop, file=sys.stderr)
         sys.exit(stop.exit_code)
-    except (DataError, CheckpointError) as error:
+    except (DataError, CheckpointError, ConfigError) as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     except TrainingDiverged as error:
