@@ -12,8 +12,9 @@ OPTIMIZERS = ("sm3", "adam", "adagrad", "adafactor", "sgd")
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     eps = {} if cfg.eps is None else {"eps": cfg.eps}
     if cfg.name == "sm3":
+        momentum_dtype = getattr(torch, cfg.momentum_dtype.value) if cfg.momentum_dtype else None
         return SM3(params, lr=cfg.lr, momentum=cfg.momentum, beta=cfg.beta, weight_decay=cfg.weight_decay,
-                   fused=cfg.fused, **eps)
+                   fused=cfg.fused, momentum_dtype=momentum_dtype, **eps)
     if cfg.name == "adam":
         return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
                                 fused=cfg.fused, **eps)

@@ -29,6 +29,11 @@ class OptimName(str, Enum):
     sgd = "sgd"
 
 
+class MomentumDtype(str, Enum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
 class ScheduleName(str, Enum):
     quadratic_warmup = "quadratic_warmup"
     inverse_sqrt = "inverse_sqrt"
@@ -86,6 +91,7 @@ class OptimConfig:
     eps: Optional[float] = None  # None: the optimizer's own default
     weight_decay: float = 0.0
     fused: Optional[bool] = None  # sm3, adam: None picks the fused kernel where it is safe
+    momentum_dtype: Optional[MomentumDtype] = None  # sm3: the momentum buffer's dtype; None: the parameter's
 
 
 @dataclass

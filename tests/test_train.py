@@ -44,6 +44,17 @@ def test_optimizers_build_from_every_optim_option():
         assert opt.param_groups[0]["lr"] == cfg.optim.lr
 
 
+def test_sm3_momentum_dtype_from_config():
+    cfg = _compose(["optim=sm3", "optim.momentum_dtype=bfloat16"])
+    param = torch.nn.Parameter(torch.ones(4, 3))
+    opt = build_optimizer(cfg.optim, [param])
+    param.grad = torch.ones(4, 3)
+    opt.step()
+    assert opt.state[param]["momentum_buffer"].dtype == torch.bfloat16
+    with pytest.raises(Exception, match="momentum_dtype"):
+        _compose(["optim.momentum_dtype=int8"])
+
+
 def test_schedule_shapes():
     total, warmup = 1000, 50
     assert quadratic_warmup(0, warmup, total) == 0
