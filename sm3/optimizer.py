@@ -273,7 +273,9 @@ def _dense_step(
 
     for start in range(0, shape[0], rows_per_chunk):
         stop = min(start + rows_per_chunk, shape[0])
-        g = grad[start:stop].to(dtype)
+        g = grad[start:stop]
+        if g.dtype != dtype:
+            g = g.to(dtype)
         nu = ws[: g.numel()].view(g.shape)
         if rank <= 1:
             a = acc[start:stop]
@@ -296,9 +298,7 @@ def _dense_step(
             torch.amax(nu, dim=other_dims[0], out=accs[0][start:stop])
             for i, new in enumerate(new_accs, start=1):
                 torch.maximum(new, torch.amax(nu, dim=other_dims[i]), out=new)
-            if shift:
-                accs[0][start:stop].sub_(shift)
-            else:
+            if not shift:
                 nu.add_(eps)
         inv_sqrt = nu.rsqrt_()  # 1 / sqrt(nu + eps), in the workspace
         x = param[start:stop]
@@ -317,6 +317,8 @@ def _dense_step(
         if x32 is not x:
             x.copy_(x32)
     if rank > 1:
+        if shift:  # the rows' maxima carry the folded eps (the other accumulators shed it below)
+            accs[0].sub_(shift)
         if reduce_max is not None:
             reduce_max(0, accs[0])
             for i, new in enumerate(new_accs, start=1):
