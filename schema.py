@@ -118,6 +118,9 @@ class TrainerConfig:
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA that supports it, else fp32
+    # CPU: treat denormal floats as zero. They appear as a model grows confident (tiny probabilities and
+    # gradients) and slow x86 arithmetic: the tiny model's steps measured ~20% slower without this.
+    flush_denormal: bool = True
     grad_accum: int = 1
     parallel: Parallel = Parallel.ddp  # fsdp: sharded training and checkpoints (needs torchrun)
     clip_norm: Optional[float] = None

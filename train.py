@@ -214,6 +214,7 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
     checkpoint_dir = run_dir / "checkpoints"
     trainer = cfg.trainer
     torch.manual_seed(trainer.seed)  # the same on every rank: identical initial replicas
+    torch.set_flush_denormal(trainer.flush_denormal)  # no effect where the CPU cannot (returns False)
     slurm_to_torchrun_environment()
     device = pick_device(trainer.device)
     fsdp = trainer.parallel == schema.Parallel.fsdp

@@ -52,6 +52,7 @@ def bare_loop(cfg, steps: int) -> list[float]:
     from schedules import build_scheduler
 
     torch.manual_seed(cfg.trainer.seed)
+    torch.set_flush_denormal(cfg.trainer.flush_denormal)  # as train.py: same arithmetic, same speed
     data = load_translation_data(cfg.data, seed=cfg.trainer.seed)
     model = build_model(cfg.model, data.tokenizer.vocab_size, data.tokenizer.pad_id)
     optimizer = build_optimizer(cfg.optim, model.parameters())
@@ -82,7 +83,7 @@ def bare_loop(cfg, steps: int) -> list[float]:
 def train_py(overrides: list[str], steps: int, workdir: Path) -> list[float]:
     """tokens/s per logged window of the real train.py (its metrics.jsonl)."""
     run_dir = workdir / f"run-{time.monotonic_ns()}"
-    args = [*overrides, f"trainer.max_steps={steps}", f"trainer.log_interval={WINDOW}",
+    args = [*overrides, f"trainer.log_interval={WINDOW}",
             f"trainer.eval_interval={steps + 1}", f"trainer.checkpoint_interval={steps + 1}",
             "trainer.max_minutes=null", "logger=none", f"hydra.run.dir={run_dir}"]
     result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True,
@@ -101,7 +102,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument("overrides", nargs="*", help="train.py config overrides, e.g. optim=adam")
     args = parser.parse_args()
-    overrides = ["trainer.polyak=true", *args.overrides]
+    # The same max_steps for both loops: the schedule (its warm-up is a share of the run) changes the
+    # numbers the model computes, and with them the speed (denormal floats).
+    overrides = ["trainer.polyak=true", f"trainer.max_steps={args.steps}", *args.overrides]
     cfg = compose(overrides)
     bare, full = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,7 +113,10 @@ def main() -> None:
             full += train_py(overrides, args.steps, Path(tmp))
     bare_rate, full_rate = statistics.median(bare), statistics.median(full)
     overhead = bare_rate / full_rate - 1  # extra time per step, relative to the bare loop's
+    command = " ".join(["uv run python scripts/bench_loop.py", *sys.argv[1:]])
     table = "\n".join([
+        f"`{command}`",
+        "",
         f"Loop overhead: {cfg.model.d_model}-wide model, {cfg.optim.name.value}, data.max_tokens={cfg.data.max_tokens}, "
         f"{args.rounds} x {args.steps} steps per loop, {torch.get_num_threads()} threads, "
         f"{os.cpu_count()} CPUs; medians of {WINDOW}-step windows.",
