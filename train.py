@@ -132,29 +132,26 @@ def evaluate(model, data, split: str, cfg, device, autocast) -> dict:
     """Teacher-forced loss/perplexity, and for translation the BLEU of decoded translations."""
     was_training = model.training
     model.eval()
+    lm = isinstance(model, TransformerLM)  # language model: every target token of the split counted once
     nll_sum, tokens, hypotheses, references = 0.0, 0, [], []
     for batch in data.batches(split, shuffle=False):
         batch = batch.to(device)
-        if isinstance(model, TransformerLM):  # every target token of the split counted once
-            with autocast():
-                nll_sum += model.loss(batch.input, batch.target)[1].item()
-            tokens += batch.num_tokens
-            continue
         with autocast():
-            _, nll = model.loss(batch.src, batch.tgt_in, batch.tgt_out)
-            max_len = min(cfg.trainer.eval_max_len, int(1.5 * batch.src.shape[1]) + 10)
-            ids = model.generate(batch.src, data.tokenizer.bos_id, data.tokenizer.eos_id, max_len,
-                                 cfg.trainer.beam_size, cfg.trainer.length_penalty)
+            _, nll = model.loss(batch.input, batch.target) if lm else model.loss(batch.src, batch.tgt_in, batch.tgt_out)
+            if not lm:
+                max_len = min(cfg.trainer.eval_max_len, int(1.5 * batch.src.shape[1]) + 10)
+                ids = model.generate(batch.src, data.tokenizer.bos_id, data.tokenizer.eos_id, max_len,
+                                     cfg.trainer.beam_size, cfg.trainer.length_penalty)
+                hypotheses += [data.tokenizer.decode(h) for h in ids]
+                references += [data.targets[split][i] for i in batch.indices]
         nll_sum += nll.item()
         tokens += batch.num_tokens
-        hypotheses += [data.tokenizer.decode(h) for h in ids]
-        references += [data.targets[split][i] for i in batch.indices]
     model.train(was_training)
     loss = nll_sum / max(tokens, 1)
-    if isinstance(model, TransformerLM):
-        return {"loss": loss, "ppl": math.exp(min(loss, 50))}
-    bleu = sacrebleu.corpus_bleu(hypotheses, [references]).score
-    return {"loss": loss, "ppl": math.exp(min(loss, 50)), "bleu": bleu, "example": hypotheses[:1]}
+    results = {"loss": loss, "ppl": math.exp(min(loss, 50))}
+    if not lm:
+        results.update(bleu=sacrebleu.corpus_bleu(hypotheses, [references]).score, example=hypotheses[:1])
+    return results
 
 
 def init_wandb(cfg, run_dir: Path, run_id: str | None):

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.transformer import Block, sinusoidal_positions
+from models.transformer import Block, sequence_loss, sinusoidal_positions
 
 
 class TransformerLM(nn.Module):
@@ -40,10 +39,4 @@ class TransformerLM(nn.Module):
 
     def loss(self, input: Tensor, target: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
         """(summed label-smoothed cross-entropy, summed negative log-likelihood) over non-pad targets."""
-        logits = self(input).float().flatten(0, 1)
-        target = target.flatten()
-        smoothed = F.cross_entropy(logits, target, ignore_index=self.pad_id, label_smoothing=label_smoothing,
-                                   reduction="sum")
-        nll = F.cross_entropy(logits, target, ignore_index=self.pad_id, reduction="sum").detach()
-        return smoothed, nll
-
+        return sequence_loss(self(input), target, self.pad_id, label_smoothing)
