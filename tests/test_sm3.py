@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import sm3.optimizer
 from sm3 import SM3, optimizer_state_bytes
 from reference_sm3 import ReferenceSM3
 
@@ -20,10 +21,10 @@ def _random_grad(shape, generator, zero_fraction=0.2):
     return g * (torch.rand(shape, generator=generator) > zero_fraction)  # exact zeros too
 
 
-def _run_against_reference(shape, steps=4, dtype=torch.float32, **hparams):
+def _run_against_reference(shape, steps=4, dtype=torch.float32, fused=None, **hparams):
     gen = torch.Generator().manual_seed(hash((shape, tuple(sorted(hparams.items())))) % 2**31)
     p = torch.nn.Parameter(torch.randn(shape, generator=gen).to(dtype))
-    opt = SM3([p], **hparams)
+    opt = SM3([p], fused=fused, **hparams)
     ref = ReferenceSM3(**hparams)
     expected = p.detach().double()
     for _ in range(steps):
@@ -34,10 +35,11 @@ def _run_against_reference(shape, steps=4, dtype=torch.float32, **hparams):
     return p, opt, ref, expected
 
 
+@pytest.mark.parametrize("fused", [False, None], ids=["default", "fused"])
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("momentum,beta", [(0.0, 0.0), (0.9, 0.0), (0.0, 0.5), (0.9, 0.95)])
-def test_dense_matches_reference(shape, momentum, beta):
-    p, opt, ref, expected = _run_against_reference(shape, momentum=momentum, beta=beta, lr=0.1)
+def test_dense_matches_reference(shape, momentum, beta, fused):
+    p, opt, ref, expected = _run_against_reference(shape, momentum=momentum, beta=beta, lr=0.1, fused=fused)
     torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
     state = opt.state[p]
     keys = ["accumulator"] if len(shape) <= 1 else [f"accumulator_{r}" for r in range(len(shape))]
@@ -46,6 +48,38 @@ def test_dense_matches_reference(shape, momentum, beta):
         torch.testing.assert_close(state[key].double(), want, rtol=1e-5, atol=1e-7)
     assert ("momentum_buffer" in state) == (momentum > 0)
     assert state["step"].item() == 4
+
+
+@pytest.mark.parametrize("shape", [(301, 70), (45, 6, 5), (7, 3), (2500,)], ids=str)
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_default_path_in_many_chunks_matches_reference(shape, threads, monkeypatch):
+    # Small chunks: several per parameter, a last one whose rows do not divide among the
+    # threads, and per-thread column maxima merged across chunks.
+    monkeypatch.setattr(sm3.optimizer, "_CHUNK_ELEMENTS", 1000)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        hparams = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+        p, opt, ref, expected = _run_against_reference(shape, fused=False, **hparams)
+    finally:
+        torch.set_num_threads(saved)
+    torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
+    keys = ["accumulator"] if len(shape) <= 1 else [f"accumulator_{r}" for r in range(len(shape))]
+    for key, want in zip(keys, ref.accumulators(0)):
+        torch.testing.assert_close(opt.state[p][key].double(), want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("fused", [False, None], ids=["default", "fused"])
+@pytest.mark.parametrize("shape", [(0,), (0, 5), (5, 0), (2, 0, 3)], ids=str)
+def test_empty_parameters_step(shape, fused):
+    p = torch.nn.Parameter(torch.zeros(shape))
+    opt = SM3([p], fused=fused, momentum=0.9)
+    for _ in range(2):
+        p.grad = torch.zeros(shape)
+        opt.step()
+    assert opt.state[p]["step"].item() == 2
+    sizes = [shape[0] if shape else 1] if len(shape) <= 1 else list(shape)
+    assert [a.numel() for k, a in sorted(opt.state[p].items()) if k.startswith("accumulator")] == sizes
 
 
 @pytest.mark.parametrize("shape", [(7,), (5, 3), (4, 3, 2)], ids=str)
