@@ -102,6 +102,52 @@ def supports(p: Tensor, grad: Tensor, momentum_dtype: torch.dtype | None) -> boo
     return False
 
 
+def fused_step(
+    params: list[Tensor],
+    grads: list[Tensor],
+    accumulators: list[Tensor],
+    momentum_buffers: list[Tensor],
+    lr: float | Tensor,
+    momentum: float,
+    beta: float,
+    eps: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    """The fused step for parameters on one device: through the custom op while torch.compile
+    traces (one node of the graph), and straight to the kernel in eager mode, where the op's
+    dispatch measured ~1.5 ms a step for the 257 tensors of a Transformer-base."""
+    if torch.compiler.is_compiling():
+        fused_step_(params, grads, accumulators, momentum_buffers, _lr_tensor(lr), momentum, beta,
+                    eps, weight_decay, maximize)
+    else:
+        _launch(params, grads, accumulators, momentum_buffers, float(lr), momentum, beta, eps,
+                weight_decay, maximize)
+
+
+def _lr_tensor(lr: float | Tensor) -> Tensor:
+    # A float lr would be baked into a compiled graph as a constant; multiplying it into a
+    # tensor lets torch.compile keep it a runtime input (dynamic after its first change).
+    if isinstance(lr, Tensor):
+        return lr
+    return torch.ones((), dtype=torch.float64) * lr
+
+
+def _launch(params, grads, accumulators, momentum_buffers, lr: float, momentum, beta, eps,
+            weight_decay, maximize) -> None:
+    if not params:
+        return
+    grads = [g.contiguous() for g in grads]
+    if params[0].device.type == "cuda":
+        from sm3 import _triton
+
+        _triton.fused_step(params, grads, accumulators, momentum_buffers, lr, momentum, beta, eps,
+                           weight_decay, maximize)
+    else:
+        native_extension().fused_step(params, grads, accumulators, momentum_buffers, lr, momentum,
+                                      beta, eps, weight_decay, maximize)
+
+
 @torch.library.custom_op(
     "sm3::fused_step_", mutates_args=("params", "accumulators", "momentum_buffers")
 )
@@ -122,18 +168,8 @@ def fused_step_(
     ``momentum_buffers`` is empty (momentum 0) or has one buffer per parameter. ``lr`` is a
     one-element tensor: a float argument would be a constant of the compiled graph, and every
     learning-rate change would recompile it."""
-    if not params:
-        return
-    lr = float(lr)
-    grads = [g.contiguous() for g in grads]
-    if params[0].device.type == "cuda":
-        from sm3 import _triton
-
-        _triton.fused_step(params, grads, accumulators, momentum_buffers, lr, momentum, beta, eps,
-                           weight_decay, maximize)
-    else:
-        native_extension().fused_step(params, grads, accumulators, momentum_buffers, lr, momentum,
-                                      beta, eps, weight_decay, maximize)
+    _launch(params, grads, accumulators, momentum_buffers, float(lr), momentum, beta, eps,
+            weight_decay, maximize)
 
 
 @fused_step_.register_fake

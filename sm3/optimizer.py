@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -153,45 +154,50 @@ class SM3(Optimizer):
             fused, momentum_dtype = group.get("fused"), group.get("momentum_dtype")
             batches: dict = {}  # device -> (params, grads, accumulators, momentum buffers)
             diagonal = []  # rank 0/1 parameters for the default path, stepped together
+            steps = []  # counters, incremented together: one op, not one per parameter
+            wants_buffer = group["momentum"] > 0
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
                 state = self.state[p]
                 if not state:
                     _init_state(p, state)
-                state["step"] += 1
-                if p.grad.is_sparse:
+                steps.append(state["step"])
+                if grad.is_sparse:
                     if is_dtensor(p):
                         raise ValueError("SM3 does not support sparse gradients of sharded (DTensor) parameters")
-                    _sparse_step(p, p.grad, state, float(lr), group)
+                    _sparse_step(p, grad, state, float(lr), group)
                     continue
-                if group["momentum"] > 0 and "momentum_buffer" not in state:
+                if wants_buffer and "momentum_buffer" not in state:
                     state["momentum_buffer"] = torch.zeros_like(
                         p, dtype=momentum_dtype or p.dtype, memory_format=torch.preserve_format
                     )
                 if is_dtensor(p):  # FSDP2 / tensor parallel: step the local shards
                     local_state = {key: local(value) for key, value in state.items()}
                     if p.dim() <= 1:  # elementwise: the accumulator is sharded with p
-                        diagonal.append((local(p), local(p.grad), local_state))
+                        diagonal.append((local(p), local(grad), local_state))
                     else:
-                        _dense_step(local(p), local(p.grad), local_state, float(lr), group, workspaces,
+                        _dense_step(local(p), local(grad), local_state, float(lr), group, workspaces,
                                     max_reducer(p))
-                elif fused is not False and _fused.supports(p, p.grad, momentum_dtype):
-                    batch = batches.setdefault(p.device, ([], [], [], []))
-                    batch[0].append(p)
-                    batch[1].append(p.grad)
-                    batch[2].extend(_accumulators(p, state))
-                    if "momentum_buffer" in state:
-                        batch[3].append(state["momentum_buffer"])
+                elif fused is not False and _fused.supports(p, grad, momentum_dtype):
+                    params, grads, accs, buffers = batches.setdefault(p.device, ([], [], [], []))
+                    params.append(p)
+                    grads.append(grad)
+                    accs.extend(_accumulators(p, state))
+                    if wants_buffer:
+                        buffers.append(state["momentum_buffer"])
                 elif p.dim() <= 1:
-                    diagonal.append((p, p.grad, state))
+                    diagonal.append((p, grad, state))
                 else:
-                    _dense_step(p, p.grad, state, float(lr), group, workspaces)
+                    _dense_step(p, grad, state, float(lr), group, workspaces)
+            if steps:
+                torch._foreach_add_(steps, 1)
             if diagonal:
                 _diagonal_steps(diagonal, float(lr), group)
             for params, grads, accs, buffers in batches.values():
-                _fused.fused_step_(
-                    params, grads, accs, buffers, _lr_tensor(lr),
+                _fused.fused_step(
+                    params, grads, accs, buffers, lr,
                     group["momentum"], group["beta"], group["eps"], group["weight_decay"],
                     group["maximize"],
                 )
@@ -208,14 +214,6 @@ class SM3(Optimizer):
             for key, value in saved_state.get(saved_id, {}).items():
                 if isinstance(value, Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
-
-
-def _lr_tensor(lr: float | Tensor) -> Tensor:
-    # A float lr would be baked into a compiled graph as a constant; multiplying it into a
-    # tensor lets torch.compile keep it a runtime input (dynamic after its first change).
-    if isinstance(lr, Tensor):
-        return lr
-    return torch.ones((), dtype=torch.float64) * lr
 
 
 def _init_state(p: Tensor, state: dict) -> None:
@@ -301,6 +299,40 @@ def _diagonal_batch(batch: list, lr: float, momentum: float, beta: float, eps: f
             x.copy_(x32)
 
 
+class _Plan(NamedTuple):
+    """How ``_dense_step`` walks a parameter of one shape: computed once per shape."""
+
+    views: tuple  # the shape that broadcasts accumulator r along dimension r
+    row_dims: tuple  # every dimension but the first: a_1's maximum is taken over these
+    share_dims: tuple  # for a_2..a_k, the dimensions of a (shares, rows, ...) view to reduce
+    chunks: tuple  # (start row, stop row, shares) of each chunk
+    workspace: int  # elements of the largest chunk
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(shape: tuple, threads: int, chunk_elements: Optional[int]) -> _Plan:
+    rank, rows, row = len(shape), shape[0], math.prod(shape[1:])
+    if chunk_elements:
+        rows_per_chunk = max(1, chunk_elements * threads // max(1, row))
+        if rows_per_chunk > threads:
+            rows_per_chunk -= rows_per_chunk % threads
+    else:
+        rows_per_chunk = max(1, rows)
+    starts = range(0, rows if row else 0, rows_per_chunk)
+    chunks = tuple(
+        (start, min(start + rows_per_chunk, rows),
+         threads if (min(start + rows_per_chunk, rows) - start) % threads == 0 else 1)
+        for start in starts
+    )
+    return _Plan(
+        views=tuple(tuple(-1 if r == i else 1 for r in range(rank)) for i in range(rank)),
+        row_dims=tuple(range(1, rank)),
+        share_dims=tuple(tuple(d + 1 for d in range(rank) if d != i) for i in range(1, rank)),
+        chunks=chunks,
+        workspace=min(rows, rows_per_chunk) * row,
+    )
+
+
 def _dense_step(
     p: Tensor, grad: Tensor, state: dict, lr: float, group: dict, workspaces: dict, reduce_max=None
 ) -> None:
@@ -316,36 +348,28 @@ def _dense_step(
     accs = _accumulators(p, state)
     buf = state.get("momentum_buffer")
     dtype = accs[0].dtype
-    rank = p.dim()
+    # Chunks keep a CPU's passes in cache. The CPU's threads each take an equal, contiguous
+    # share of a chunk's elements in the elementwise ops; the maxima of a_2..a_k are taken per
+    # share (the rows of ``new_accs``, reduced after the sweep), so that each thread reads the
+    # rows it just wrote from its own core's cache: reading columns across shares measured
+    # ~15% slower. On an accelerator each op is a kernel launch, so one chunk is faster.
+    on_cpu = p.device.type == "cpu"
+    threads = torch.get_num_threads() if on_cpu else 1
+    plan = _plan(tuple(p.shape), threads, _CHUNK_ELEMENTS if on_cpu else None)
     # With beta = 0, eps is folded into the (small) accumulators: min_r (a_r + eps) + g^2
-    # is nu + eps up to rounding, which saves a full pass; maxima shed it again below.
+    # is nu + eps up to rounding, which saves a full pass; it is taken off again at the end.
     shift = eps if not beta else 0.0
-    views = [(a + shift if shift else a).view([-1 if r == i else 1 for r in range(rank)])
-             for i, a in enumerate(accs)]
-    row = math.prod(p.shape[1:])
-    # A CPU's threads each take an equal, contiguous share of a chunk's elements in the
-    # elementwise ops. The maxima of a_2..a_k are taken per share (``shares`` rows of
-    # ``new_accs``, reduced after the sweep), so that each thread reads the rows it just wrote
-    # from its own core's cache; reading columns across shares measured ~15% slower.
-    # On an accelerator each op is a kernel launch, so one chunk is faster.
-    if p.device.type == "cpu":
-        threads = torch.get_num_threads()
-        rows_per_chunk = max(1, _CHUNK_ELEMENTS * threads // max(1, row))
-        if rows_per_chunk > threads:
-            rows_per_chunk -= rows_per_chunk % threads
-    else:
-        threads, rows_per_chunk = 1, max(1, p.shape[0])
+    if shift:
+        torch._foreach_add_(accs, shift)
+    views = [a.view(shape) for a, shape in zip(accs, plan.views)]
     new_accs = [torch.zeros(threads, a.numel(), dtype=dtype, device=p.device) for a in accs[1:]]
-    other_dims = [tuple(d for d in range(rank) if d != i) for i in range(rank)]
-    ws = _workspace(workspaces, min(p.shape[0], rows_per_chunk) * row, dtype, p.device)
-
-    for start in range(0, p.shape[0] if p.numel() else 0, rows_per_chunk):
-        stop = min(start + rows_per_chunk, p.shape[0])
+    ws = _workspace(workspaces, plan.workspace, dtype, p.device)
+    for start, stop, shares in plan.chunks:
         g = grad[start:stop]
         if g.dtype != dtype:
             g = g.to(dtype)
         nu = ws[: g.numel()].view(g.shape)
-        if rank == 2:
+        if len(views) == 2:
             torch.minimum(views[0][start:stop], views[1], out=nu)
         else:
             nu.copy_(views[0][start:stop].expand_as(nu))
@@ -355,12 +379,11 @@ def _dense_step(
             nu.mul_(beta).addcmul_(g, g, value=1.0 - beta)
         else:
             nu.addcmul_(g, g)
-        torch.amax(nu, dim=other_dims[0], out=accs[0][start:stop])
-        shares = threads if (stop - start) % threads == 0 else 1
+        # a_1 of these rows is done (the chunk's rows were read from it above).
+        torch.amax(nu, dim=plan.row_dims, out=accs[0][start:stop])
         nu_shares = nu.view(shares, -1, *nu.shape[1:])
-        for i, new in enumerate(new_accs, start=1):
-            per_share = torch.amax(nu_shares, dim=tuple(d + 1 for d in other_dims[i]))
-            torch.maximum(new[:shares], per_share, out=new[:shares])
+        for new, dims in zip(new_accs, plan.share_dims):
+            torch.maximum(new[:shares], torch.amax(nu_shares, dim=dims), out=new[:shares])
         if not shift:
             nu.add_(eps)
         # sqrt, then divide inside addcdiv: rsqrt (a square root and a divide) and a multiply
@@ -381,15 +404,13 @@ def _dense_step(
             x32.add_(m32, alpha=-lr)
         if x32 is not x:
             x.copy_(x32)
-    if shift:  # the rows' maxima carry the folded eps (the other accumulators shed it below)
-        accs[0].sub_(shift)
-    new_accs = [new.amax(0) for new in new_accs]
-    if reduce_max is not None:
-        reduce_max(0, accs[0])
-        for i, new in enumerate(new_accs, start=1):
-            reduce_max(i, new)
     for a, new in zip(accs[1:], new_accs):
-        torch.sub(new, shift, out=a) if shift else a.copy_(new)
+        torch.amax(new, dim=0, out=a)
+    if shift:
+        torch._foreach_sub_(accs, shift)
+    if reduce_max is not None:
+        for i, a in enumerate(accs):
+            reduce_max(i, a)
 
 
 def _sparse_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict) -> None:
