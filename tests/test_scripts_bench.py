@@ -86,7 +86,7 @@ def test_bench_optim_tiny_end_to_end(tmp_path):
     env = dict(os.environ, SM3_DISABLE_NATIVE="1")
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "bench_optim.py"), "--model", "tiny", "--rounds", "2",
-         "--threads", "1", "--out", str(out), "--plot", str(png)],
+         "--threads", "1", "--keep-freed-memory", "--out", str(out), "--plot", str(png)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -95,8 +95,37 @@ def test_bench_optim_tiny_end_to_end(tmp_path):
     assert len(expected) == (9 if bench_optim.sm3_has_fused() else 7)
     for label in expected:
         assert f"| {label} |" in table
-    assert "threads: 1" in table and "60,524,544" not in table
+    assert "threads: 1" in table and "keeping freed memory" in table and "60,524,544" not in table
     assert png.stat().st_size > 10_000
+
+
+_REFAULTS = """
+import resource, sys, torch
+sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == "keep":
+    import bench_optim
+    assert bench_optim.keep_freed_memory()
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+t = torch.ones(16 << 20)  # 64 MB: glibc mmaps it by default and unmaps it on free
+del t
+before = faults()
+t = torch.ones(16 << 20)
+print(faults() - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
+def test_keep_freed_memory_stops_refaulting_freed_blocks():
+    def refaults(mode):
+        result = subprocess.run([sys.executable, "-c", _REFAULTS, str(ROOT / "scripts"), mode],
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return int(result.stdout.split()[-1])
+
+    # 64 MB in 4 KiB pages is 16384 faults when the block comes back fresh from the OS.
+    assert refaults("default") > 8000
+    assert refaults("keep") < 1000
 
 
 def test_bench_loop_measures_both_loops(tmp_path):
