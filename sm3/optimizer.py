@@ -69,10 +69,11 @@ class SM3(Optimizer):
         weight_decay: decoupled weight decay, as AdamW: ``p -= lr * weight_decay * p``.
         maximize: maximize the objective instead of minimizing it.
         foreach: accepted for compatibility with ``torch.optim`` and ignored. The default
-            path works parameter by parameter, in place, on cache-sized row chunks with one
-            reused workspace: on CPU this measured about 2x faster than grouping
-            parameters by shape into ``torch._foreach_*`` calls, and it never materialises
-            temporaries for all parameters at once.
+            path steps matrices and higher-rank tensors one by one, in place, on cache-sized
+            row chunks with one reused workspace: on CPU this measured about 2x faster than
+            grouping parameters by shape into ``torch._foreach_*`` calls, and it never
+            materialises temporaries for all parameters at once. Rank 0/1 parameters (biases,
+            norms) are stepped together through ``torch._foreach_*`` ops, a chunk at a time.
         fused: ``True`` steps each parameter in one pass over memory (nu, accumulator
             maxima, momentum and update together): a C++/OpenMP kernel on CPU, built once
             per machine on first use and cached in torch's extension directory, and a
