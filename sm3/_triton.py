@@ -1,16 +1,26 @@
-"""The fused SM3 step on CUDA as Triton kernels, one launch per parameter.
+"""The fused SM3 step on CUDA as Triton kernels, a constant number of launches per step.
 
-Rank 2: a 2-D grid of (BLOCK_R x BLOCK_C) tiles. Each tile reads its rows' and columns'
-accumulators, computes nu, updates the parameter (and momentum) and folds the tile's row and
-column maxima into zeroed buffers with float atomic max (nu >= 0, so the maxima are exact and
-order-independent); the buffers replace the accumulators after the launch. Rank 0/1:
-elementwise. Rank >= 3 takes the default path on CUDA (see ``sm3._fused.supports``).
+A Transformer has ~250 parameter tensors, many tiny: one launch each cost more than the
+arithmetic. So every launch steps many tensors (as ``multi_tensor_apply`` does): a table of
+int64 addresses and sizes, one row per tensor, built on the host and copied to the device in one
+tensor per step, and a table of (tensor, block) pairs, one per program. A program loads its
+tensor's addresses and casts them to typed pointers. Launches: one per (kind, dtypes, alignment)
+group (normally two, rank 2 and rank 0/1), plus the zeroed maxima buffer and one multi-tensor
+copy.
 
-Hyperparameters are runtime scalars and the kernels are specialised only on dtypes and the
-momentum/beta switches, so a learning-rate schedule never triggers a recompilation.
+Rank 2: (BLOCK_R x BLOCK_C) tiles. Each tile reads its rows' and columns' accumulators, computes
+nu, updates the parameter (and momentum) and folds the tile's row and column maxima into zeroed
+buffers with float atomic max (nu >= 0, so the maxima are exact and order-independent); the
+buffers replace the accumulators after the launch. Rank 0/1: elementwise. Rank >= 3 takes the
+default path on CUDA (see ``sm3._fused.supports``).
+
+Hyperparameters are runtime scalars and the kernels are specialised only on dtypes, alignment and
+the momentum switch, so a learning-rate schedule never triggers a recompilation.
 """
 
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 import triton
@@ -18,6 +28,24 @@ import triton.language as tl
 from torch import Tensor
 
 _BLOCK_R, _BLOCK_C, _BLOCK = 16, 256, 2048
+_TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+# Address-table rows, one per tensor. Rank 2 (9 fields): x, g, m, row_acc, col_acc, the offsets
+# of its row and column maxima in the step's maxima buffer, n_rows, n_cols. Rank 0/1 (5 fields):
+# x, g, m, acc, n.
+# ALIGNED kernels: every address a multiple of 16 bytes, and n_cols (rank 2) or n (rank 0/1) a
+# multiple of 16 elements, so that rows and masks split into whole vectors.
+_INDEX_CACHE: OrderedDict = OrderedDict()  # (device, blocks per tensor) -> device index table
+_INDEX_CACHE_SIZE = 32
+
+
+@triton.jit
+def _pointer(row, field, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    # Addresses from a table carry no alignment facts; the host checked them when ALIGNED, and
+    # the hint lets the compiler vectorise the loads and stores as it did for tensor arguments.
+    ptr = tl.load(row + field).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        ptr = tl.multiple_of(ptr, 16)
+    return ptr
 
 
 @triton.jit
@@ -31,11 +59,26 @@ def _tail(x_ptr, m_ptr, offs, mask, g, nu, x, m, neg_lr, momentum, eps, decay,
 
 
 @triton.jit
-def _factored_kernel(x_ptr, g_ptr, m_ptr, row_acc, col_acc, row_max, col_max, n_rows, n_cols,
-                     neg_lr, momentum, acc_coef, sq_coef, eps, decay, sign,
-                     HAS_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+def _factored_kernel(table, index, maxima, neg_lr, momentum, acc_coef, sq_coef, eps, decay, sign,
+                     X_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_M: tl.constexpr,
+                     ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    row = table + tl.load(index + 2 * pid).to(tl.int64) * 9
+    tile = tl.load(index + 2 * pid + 1)
+    x_ptr = _pointer(row, 0, X_DTYPE, ALIGNED)
+    g_ptr = _pointer(row, 1, X_DTYPE, ALIGNED)
+    m_ptr = _pointer(row, 2, M_DTYPE, ALIGNED)
+    row_acc = _pointer(row, 3, tl.float32, ALIGNED)
+    col_acc = _pointer(row, 4, tl.float32, ALIGNED)
+    row_max = maxima + tl.load(row + 5)
+    col_max = maxima + tl.load(row + 6)
+    n_rows = tl.load(row + 7).to(tl.int32)
+    n_cols = tl.load(row + 8).to(tl.int32)
+    if ALIGNED:
+        n_cols = tl.multiple_of(n_cols, 16)
+    col_tiles = tl.cdiv(n_cols, BLOCK_C)
+    rows = (tile // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = (tile % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
     row_in, col_in = rows < n_rows, cols < n_cols
     mask = row_in[:, None] & col_in[None, :]
     offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
@@ -54,9 +97,20 @@ def _factored_kernel(x_ptr, g_ptr, m_ptr, row_acc, col_acc, row_max, col_max, n_
 
 
 @triton.jit
-def _diagonal_kernel(x_ptr, g_ptr, m_ptr, acc_ptr, n, neg_lr, momentum, acc_coef, sq_coef, eps,
-                     decay, sign, HAS_M: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _diagonal_kernel(table, index, neg_lr, momentum, acc_coef, sq_coef, eps, decay, sign,
+                     X_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_M: tl.constexpr,
+                     ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    row = table + tl.load(index + 2 * pid).to(tl.int64) * 5
+    block = tl.load(index + 2 * pid + 1)
+    x_ptr = _pointer(row, 0, X_DTYPE, ALIGNED)
+    g_ptr = _pointer(row, 1, X_DTYPE, ALIGNED)
+    m_ptr = _pointer(row, 2, M_DTYPE, ALIGNED)
+    acc_ptr = _pointer(row, 3, tl.float32, ALIGNED)
+    n = tl.load(row + 4)
+    if ALIGNED:
+        n = tl.multiple_of(n, 16)
+    offs = block.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sign
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -66,6 +120,24 @@ def _diagonal_kernel(x_ptr, g_ptr, m_ptr, acc_ptr, n, neg_lr, momentum, acc_coef
     nu = acc_coef * tl.load(acc_ptr + offs, mask=mask, other=0.0) + sq_coef * g * g
     tl.store(acc_ptr + offs, nu, mask=mask)
     _tail(x_ptr, m_ptr, offs, mask, g, nu, x, m, neg_lr, momentum, eps, decay, HAS_M)
+
+
+def _block_index(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    """(tensor, block within the tensor) int32 pairs, one per program. Depends only on the
+    block counts, so it is cached on the device under them (never stale: no addresses)."""
+    key = (device, counts)
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        sizes = torch.tensor(counts, dtype=torch.int64)
+        owner = torch.repeat_interleave(torch.arange(len(counts)), sizes)
+        local = torch.arange(owner.numel()) - (torch.cumsum(sizes, 0) - sizes)[owner]
+        index = torch.stack([owner, local], 1).to(torch.int32).reshape(-1).to(device)
+        _INDEX_CACHE[key] = index
+        if len(_INDEX_CACHE) > _INDEX_CACHE_SIZE:
+            _INDEX_CACHE.popitem(last=False)
+    else:
+        _INDEX_CACHE.move_to_end(key)
+    return index
 
 
 def fused_step(params: list[Tensor], grads: list[Tensor], accumulators: list[Tensor],
@@ -78,40 +150,70 @@ def fused_step(params: list[Tensor], grads: list[Tensor], accumulators: list[Ten
         eps=eps, decay=1.0 - lr * weight_decay, sign=-1.0 if maximize else 1.0,
     )
     has_m = bool(momentum_buffers)
-    # One zeroed buffer holds the new maxima of every rank-2 parameter: one allocation and one
-    # multi-tensor copy per step instead of three launches per parameter.
-    factored = [p for p in params if p.dim() == 2]
-    maxima = torch.zeros(sum(sum(p.shape) for p in factored), dtype=torch.float32,
-                         device=params[0].device) if factored else None
-    targets, sources = [], []
+    device = params[0].device
+    # group key (rank 2?, x dtype, m dtype, aligned) -> (address-table rows, blocks per tensor)
+    groups: dict = {}
+    targets, sizes = [], []  # rank-2 accumulators and their lengths, in maxima order
     next_acc = next_max = 0
     for i, (p, g) in enumerate(zip(params, grads)):
-        m = momentum_buffers[i] if has_m else p  # a placeholder pointer when there is none
-        if p.dim() <= 1:
+        m = momentum_buffers[i] if has_m else p  # a placeholder address when there is none
+        rank, n = p.dim(), p.numel()
+        if rank <= 1:
             acc = accumulators[next_acc]
             next_acc += 1
-            n = p.numel()
-            if n:
-                _diagonal_kernel[(triton.cdiv(n, _BLOCK),)](
-                    p, g, m, acc, n, **scalars, HAS_M=has_m, BLOCK=_BLOCK
-                )
+            if not n:
+                continue
+            x_a, g_a, m_a, acc_a = p.data_ptr(), g.data_ptr(), m.data_ptr(), acc.data_ptr()
+            aligned = not (x_a | g_a | m_a | acc_a | n) % 16
+            rows, counts = groups.setdefault((False, p.dtype, m.dtype, aligned), ([], []))
+            rows += (x_a, g_a, m_a, acc_a, n)
+            counts.append(-(-n // _BLOCK))
             continue
-        if p.dim() != 2:
-            raise ValueError(f"sm3 triton: rank {p.dim()} is not supported (rank <= 2 only)")
+        if rank != 2:
+            raise ValueError(f"sm3 triton: rank {rank} is not supported (rank <= 2 only)")
         row_acc, col_acc = accumulators[next_acc], accumulators[next_acc + 1]
         next_acc += 2
-        n_rows, n_cols = p.shape
-        row_max = maxima[next_max:next_max + n_rows]
-        col_max = maxima[next_max + n_rows:next_max + n_rows + n_cols]
-        next_max += n_rows + n_cols
-        if p.numel() == 0:
+        if not n:
             continue
-        grid = (triton.cdiv(n_rows, _BLOCK_R), triton.cdiv(n_cols, _BLOCK_C))
-        _factored_kernel[grid](
-            p, g, m, row_acc, col_acc, row_max, col_max, n_rows, n_cols,
-            **scalars, HAS_M=has_m, BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C,
-        )
-        targets += [row_acc, col_acc]
-        sources += [row_max, col_max]
+        n_rows, n_cols = p.shape
+        x_a, g_a, m_a = p.data_ptr(), g.data_ptr(), m.data_ptr()
+        r_a, c_a = row_acc.data_ptr(), col_acc.data_ptr()
+        aligned = not (x_a | g_a | m_a | r_a | c_a | n_cols) % 16
+        rows, counts = groups.setdefault((True, p.dtype, m.dtype, aligned), ([], []))
+        # the row and column maxima: offsets into the step's maxima buffer
+        rows += (x_a, g_a, m_a, r_a, c_a, next_max, next_max + n_rows, n_rows, n_cols)
+        counts.append(-(-n_rows // _BLOCK_R) * -(-n_cols // _BLOCK_C))
+        targets += (row_acc, col_acc)
+        sizes += (n_rows, n_cols)
+        next_max += n_rows + n_cols
+    if not groups:
+        return
+    # One zeroed buffer holds the new maxima of every rank-2 parameter: one allocation and one
+    # multi-tensor copy per step instead of three launches per parameter.
+    maxima = torch.zeros(next_max, dtype=torch.float32, device=device) if next_max else None
+    # Every group's address rows in one tensor: one host-to-device copy per step. Rebuilt each
+    # step, since the gradients (and, after a reload, the state) may be new tensors.
+    flat, starts = [], []
+    for rows, _ in groups.values():
+        flat += [0] * (len(flat) % 2)  # each group's rows start 16-byte aligned
+        starts.append(len(flat))
+        flat += rows
+    table = torch.tensor(flat, dtype=torch.int64)
+    if device.type == "cuda":
+        # From pinned memory the copy is asynchronous (a pageable one waits for the stream), and
+        # torch's pinned allocator keeps the block until the copy has run.
+        table = table.pin_memory().to(device, non_blocking=True)
+    for (is_factored, x_dtype, m_dtype, aligned), (_, counts), start in zip(
+            groups, groups.values(), starts):
+        index = _block_index(tuple(counts), device)
+        if device.type == "cuda":  # cached: may be evicted while a launch on this stream reads it
+            index.record_stream(torch.cuda.current_stream(device))
+        grid = (index.numel() // 2,)
+        kinds = dict(X_DTYPE=_TL[x_dtype], M_DTYPE=_TL[m_dtype], HAS_M=has_m, ALIGNED=aligned)
+        if is_factored:
+            _factored_kernel[grid](table[start:], index, maxima, **scalars, **kinds,
+                                   BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
+        else:
+            _diagonal_kernel[grid](table[start:], index, **scalars, **kinds, BLOCK=_BLOCK)
     if targets:
-        torch._foreach_copy_(targets, sources)
+        torch._foreach_copy_(targets, maxima.split(sizes))

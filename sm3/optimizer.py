@@ -86,9 +86,10 @@ class SM3(Optimizer):
             the default path to float32 rounding. Under ``torch.compile`` the kernels are one
             custom op (``sm3::fused_step_``), so ``fullgraph=True`` traces ``step()``; the
             learning rate is passed as a tensor and never triggers a recompilation (the
-            first step, which creates the state, compiles a graph of its own). On CUDA each
-            parameter is one Triton launch, so a model with many small tensors is bound by
-            launch overhead in eager mode; capture the step in a CUDA graph to avoid it.
+            first step, which creates the state, compiles a graph of its own). On CUDA a step
+            is a constant number of Triton launches however many parameters there are (two
+            for float32: matrices, and vectors), driven by a table of tensor addresses that is
+            copied to the device every step (so the step cannot be captured in a CUDA graph).
         momentum_dtype: dtype of ``momentum_buffer`` (default: the parameter's dtype);
             ``torch.bfloat16`` halves its memory. Arithmetic stays in the statistics dtype.
     """
