@@ -301,6 +301,9 @@ def _diagonal_batch(batch: list, lr: float, momentum: float, beta: float, eps: f
             x.copy_(x32)
 
 
+_ONE = torch.ones(())  # the step count torch._fused_adagrad_ reads (unused with lr_decay = 0)
+
+
 class _Plan(NamedTuple):
     """How ``_dense_step`` walks a parameter of one shape: computed once per shape."""
 
@@ -366,6 +369,13 @@ def _dense_step(
     views = [a.view(shape) for a, shape in zip(accs, plan.views)]
     new_accs = [torch.zeros(threads, a.numel(), dtype=dtype, device=p.device) for a in accs[1:]]
     ws = _workspace(workspaces, plan.workspace, dtype, p.device)
+    # With beta = 0 on CPU, torch's own fused Adagrad kernel (a built-in op, no compiler) does
+    # nu += g^2 and x -= lr * g / sqrt(nu) in one pass over memory, where addcmul, sqrt and
+    # addcdiv took three (measured ~20% faster for the whole step). eps is already folded into
+    # nu, so it runs with eps = 0 (Adagrad adds its eps after the square root). With momentum
+    # it updates the buffer instead, with the step size -(1 - momentum).
+    one_pass = (shift and on_cpu and p.dtype == dtype and grad.dtype == dtype
+                and (buf is None or buf.dtype == dtype))
     for start, stop, shares in plan.chunks:
         g = grad[start:stop]
         if g.dtype != dtype:
@@ -377,7 +387,16 @@ def _dense_step(
             nu.copy_(views[0][start:stop].expand_as(nu))
             for v in views[1:]:
                 torch.minimum(nu, v, out=nu)
-        if beta:
+        if one_pass:
+            x = p[start:stop]
+            if decay != 1.0:
+                x.mul_(decay)
+            target, step_size = (x, lr) if buf is None else (buf[start:stop].mul_(momentum), momentum - 1.0)
+            torch._fused_adagrad_([target], [g], [nu], [_ONE], lr=step_size, lr_decay=0.0, weight_decay=0.0,
+                                  eps=0.0, maximize=group["maximize"])
+            if buf is not None:
+                x.add_(target, alpha=-lr)
+        elif beta:
             nu.mul_(beta).addcmul_(g, g, value=1.0 - beta)
         else:
             nu.addcmul_(g, g)
@@ -386,6 +405,8 @@ def _dense_step(
         nu_shares = nu.view(shares, -1, *nu.shape[1:])
         for new, dims in zip(new_accs, plan.share_dims):
             torch.maximum(new[:shares], torch.amax(nu_shares, dim=dims), out=new[:shares])
+        if one_pass:
+            continue
         if not shift:
             nu.add_(eps)
         # sqrt, then divide inside addcdiv: rsqrt (a square root and a divide) and a multiply

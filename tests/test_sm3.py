@@ -82,11 +82,13 @@ def test_empty_parameters_step(shape, fused):
     assert [a.numel() for k, a in sorted(opt.state[p].items()) if k.startswith("accumulator")] == sizes
 
 
+@pytest.mark.parametrize("fused", [False, None], ids=["default", "fused"])
+@pytest.mark.parametrize("momentum", [0.0, 0.5])
 @pytest.mark.parametrize("shape", [(7,), (5, 3), (4, 3, 2)], ids=str)
 @pytest.mark.parametrize("weight_decay,maximize", [(0.01, False), (0.0, True), (0.1, True)])
-def test_weight_decay_and_maximize_match_reference(shape, weight_decay, maximize):
-    hparams = dict(lr=0.05, momentum=0.5, weight_decay=weight_decay, maximize=maximize)
-    p, _, _, expected = _run_against_reference(shape, **hparams)
+def test_weight_decay_and_maximize_match_reference(shape, weight_decay, maximize, momentum, fused):
+    hparams = dict(lr=0.05, momentum=momentum, weight_decay=weight_decay, maximize=maximize)
+    p, _, _, expected = _run_against_reference(shape, fused=fused, **hparams)
     torch.testing.assert_close(p.detach().double(), expected, rtol=1e-5, atol=1e-6)
 
 
