@@ -72,8 +72,10 @@ class SM3(Optimizer):
             path steps matrices and higher-rank tensors one by one, in place, on cache-sized
             row chunks with one reused workspace: on CPU this measured about 2x faster than
             grouping parameters by shape into ``torch._foreach_*`` calls, and it never
-            materialises temporaries for all parameters at once. Rank 0/1 parameters (biases,
-            norms) are stepped together through ``torch._foreach_*`` ops, a chunk at a time.
+            materialises temporaries for all parameters at once. With ``beta = 0`` on CPU each
+            chunk's ``nu += g^2`` and update run in one pass through torch's built-in fused
+            Adagrad kernel (``torch._fused_adagrad_``). Rank 0/1 parameters (biases, norms)
+            are stepped together through ``torch._foreach_*`` ops, a chunk at a time.
         fused: ``True`` steps each parameter in one pass over memory (nu, accumulator
             maxima, momentum and update together): a C++/OpenMP kernel on CPU, built once
             per machine on first use and cached in torch's extension directory, and a
