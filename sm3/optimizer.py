@@ -303,7 +303,9 @@ def _diagonal_batch(batch: list, lr: float, momentum: float, beta: float, eps: f
             x.copy_(x32)
 
 
-_ONE = torch.ones(())  # the step count torch._fused_adagrad_ reads (unused with lr_decay = 0)
+# torch's fused Adagrad kernel (CPU since torch 2.4), a private op: used where present.
+_fused_adagrad_ = getattr(torch, "_fused_adagrad_", None)
+_ONE = torch.ones(())  # the step count it reads (unused with lr_decay = 0)
 
 
 class _Plan(NamedTuple):
@@ -376,8 +378,8 @@ def _dense_step(
     # addcdiv took three (measured ~20% faster for the whole step). eps is already folded into
     # nu, so it runs with eps = 0 (Adagrad adds its eps after the square root). With momentum
     # it updates the buffer instead, with the step size -(1 - momentum).
-    one_pass = (shift and on_cpu and p.dtype == dtype and grad.dtype == dtype
-                and (buf is None or buf.dtype == dtype))
+    one_pass = (shift and on_cpu and _fused_adagrad_ is not None and p.dtype == dtype
+                and grad.dtype == dtype and (buf is None or buf.dtype == dtype))
     for start, stop, shares in plan.chunks:
         g = grad[start:stop]
         if g.dtype != dtype:
@@ -394,8 +396,8 @@ def _dense_step(
             if decay != 1.0:
                 x.mul_(decay)
             target, step_size = (x, lr) if buf is None else (buf[start:stop].mul_(momentum), momentum - 1.0)
-            torch._fused_adagrad_([target], [g], [nu], [_ONE], lr=step_size, lr_decay=0.0, weight_decay=0.0,
-                                  eps=0.0, maximize=group["maximize"])
+            _fused_adagrad_([target], [g], [nu], [_ONE], lr=step_size, lr_decay=0.0, weight_decay=0.0,
+                            eps=0.0, maximize=group["maximize"])
             if buf is not None:
                 x.add_(target, alpha=-lr)
         elif beta:

@@ -50,12 +50,16 @@ def test_dense_matches_reference(shape, momentum, beta, fused):
     assert state["step"].item() == 4
 
 
+@pytest.mark.parametrize("one_pass", [True, False], ids=["fused_adagrad", "plain_ops"])
 @pytest.mark.parametrize("shape", [(301, 70), (45, 6, 5), (7, 3), (2500,)], ids=str)
 @pytest.mark.parametrize("threads", [1, 2, 3])
-def test_default_path_in_many_chunks_matches_reference(shape, threads, monkeypatch):
+def test_default_path_in_many_chunks_matches_reference(shape, threads, one_pass, monkeypatch):
     # Small chunks: several per parameter, a last one whose rows do not divide among the
-    # threads, and per-thread column maxima merged across chunks.
+    # threads, and per-thread column maxima merged across chunks; with torch's fused Adagrad
+    # kernel doing the one pass, and without it (torch builds that lack it).
     monkeypatch.setattr(sm3.optimizer, "_CHUNK_ELEMENTS", 1000)
+    if not one_pass:
+        monkeypatch.setattr(sm3.optimizer, "_fused_adagrad_", None)
     saved = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
