@@ -73,9 +73,12 @@ def optimizer_factories(device: str) -> list[tuple[str, Callable]]:
         ("SM3 (m=0.9)", lambda p: SM3(p, lr=0.1, momentum=0.9, **unfused)),
     ]
     if sm3_has_fused():
+        bf16 = {"momentum": 0.9, "momentum_dtype": torch.bfloat16}
         rows += [
+            ("SM3 (m=0.9, bf16 buffer)", lambda p: SM3(p, lr=0.1, fused=False, **bf16)),
             ("SM3 fused (m=0)", lambda p: SM3(p, lr=0.1, fused=True)),
             ("SM3 fused (m=0.9)", lambda p: SM3(p, lr=0.1, momentum=0.9, fused=True)),
+            ("SM3 fused (m=0.9, bf16 buffer)", lambda p: SM3(p, lr=0.1, fused=True, **bf16)),
         ]
     rows += [
         (BASELINE, lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True)),

@@ -92,7 +92,7 @@ def test_bench_optim_tiny_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     table = out.read_text()
     expected = [label for label, _ in bench_optim.optimizer_factories("cpu")]
-    assert len(expected) == (9 if bench_optim.sm3_has_fused() else 7)
+    assert len(expected) == (11 if bench_optim.sm3_has_fused() else 7)
     for label in expected:
         assert f"| {label} |" in table
     assert "threads: 1" in table and "keeping freed memory" in table and "60,524,544" not in table
