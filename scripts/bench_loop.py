@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 WINDOW = 10  # steps per throughput sample
 WARMUP_WINDOWS = 2
@@ -36,9 +35,9 @@ WARMUP_WINDOWS = 2
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    import schema
+    from trainer import config
 
-    schema.register()
+    config.register()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=overrides)
 
@@ -48,8 +47,8 @@ def bare_loop(cfg, steps: int) -> list[float]:
     from data import load_translation_data
     from models import build_model
     from models.transformer import sequence_loss
-    from optimizers import build_optimizer
-    from schedules import build_scheduler
+    from trainer.optim import build_optimizer
+    from trainer.schedule import build_scheduler
 
     torch.manual_seed(cfg.trainer.seed)
     torch.set_flush_denormal(cfg.trainer.flush_denormal)  # as train.py: same arithmetic, same speed

@@ -27,10 +27,9 @@ from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shapes import MODELS, TransformerSpec, model_shapes, parameter_count  # noqa: E402
+from scripts._shapes import MODELS, TransformerSpec, model_shapes, parameter_count
 
-from sm3 import SM3, optimizer_state_bytes  # noqa: E402
+from sm3 import SM3, optimizer_state_bytes
 
 MB = 1e6
 BASELINE = "Adam (foreach)"

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import inspect
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shapes import MODELS, BertSpec, TransformerSpec, model_shapes, parameter_count  # noqa: E402
+from scripts._shapes import MODELS, BertSpec, TransformerSpec, model_shapes, parameter_count
 
-from sm3 import SM3, optimizer_state_bytes  # noqa: E402
+from sm3 import SM3, optimizer_state_bytes
 
 GIB = 2**30
 MIB = 2**20

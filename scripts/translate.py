@@ -16,19 +16,24 @@ import sacrebleu
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data import load_translation_data  # noqa: E402
-from models import build_model  # noqa: E402
+from data import DataError, load_translation_data
+from models import build_model
+from trainer.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
 
 
 def load_run(path: Path, last_iterate: bool, device: torch.device):
-    """The model and tokenizer of a run directory or of a checkpoint inside one."""
-    checkpoint = path / "checkpoints" / "last.pt" if path.is_dir() else path
+    """The model and tokenizer of a run directory or of a checkpoint inside one. A run directory is read as
+    training resumes it: ``last.pt``, else the newest readable ``step-NNNNNN.pt``, loaded safely."""
+    if path.is_dir():
+        found = latest_checkpoint(path / "checkpoints", report=lambda line: print(line, file=sys.stderr))
+        if found is None:
+            raise CheckpointError(f"no checkpoint in {path / 'checkpoints'}")
+        checkpoint, state = found
+    else:
+        checkpoint, state = path, read_checkpoint(path)
     run_dir = checkpoint.parent.parent
     cfg = OmegaConf.load(run_dir / "config.yaml")
     data = load_translation_data(cfg.data, seed=cfg.trainer.seed)
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     model = build_model(OmegaConf.create(state["model_config"]), data.tokenizer.vocab_size, data.tokenizer.pad_id)
     if state.get("averaged") is not None and not last_iterate:
         prefix = "module."  # AveragedModel keeps the copy under `module` next to its counter
@@ -68,7 +73,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = torch.device(args.device)
-    model, tokenizer, _ = load_run(args.run, args.last_iterate, device)
+    try:
+        model, tokenizer, _ = load_run(args.run, args.last_iterate, device)
+    except (CheckpointError, DataError, FileNotFoundError) as error:
+        sys.exit(f"error: {error}")
     text = args.input.read_text() if args.input else sys.stdin.read()
     lines = text.splitlines()
     hypotheses = translate(model, tokenizer, lines, args.beam_size, args.length_penalty, args.batch_size, device)

@@ -5,14 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from scripts.compare import compare, split_overrides
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from scripts.compare import compare, split_overrides  # noqa: E402
-
-TINY = ["model=transformer_tiny", "logger=none", "trainer.progress=false", "data.num_train=300",
-        "data.num_valid=8", "data.num_test=8", "data.max_tokens=1024", "trainer.eval_max_len=12",
-        "trainer.max_steps=4", "trainer.eval_interval=2", "trainer.log_interval=1"]
 
 
 def test_split_overrides_keeps_bracketed_values_whole():
@@ -20,13 +15,10 @@ def test_split_overrides_keeps_bracketed_values_whole():
         "optim=adam", "optim.betas=[0.9,0.98]", "x='a,b'"]
 
 
-def test_compare_a_real_multirun_with_a_failed_job(tmp_path):
+def test_compare_a_real_multirun_with_a_failed_job(tmp_path, tiny, train_cli):
     sweep = tmp_path / "sweep"
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "optim=sm3,adam", *TINY,
-         f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout + result.stderr
+    train_cli(["-m", "optim=sm3,adam", *tiny, "trainer.max_steps=4", "trainer.eval_interval=2",
+               f"hydra.sweep.dir={sweep}"], tmp_path)
     ran = sorted(p for p in sweep.iterdir() if p.is_dir())
     assert len(ran) == 2
     # A job that crashed: same shared overrides, its own optimizer, failed.json and no summary.

@@ -4,21 +4,13 @@ Optuna / SLURM configs compose when their plugins are installed."""
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import schema  # noqa: E402
-
-schema.register()
 EXPERIMENTS = sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml"))
 CPU = [e for e in EXPERIMENTS if e.startswith("cpu_builtin_") and not e.startswith("cpu_builtin_lm_")]
 WMT = [e for e in EXPERIMENTS if e.startswith("wmt14_en_fr_big_")]
@@ -26,14 +18,9 @@ CPU_LM = [e for e in EXPERIMENTS if e.startswith("cpu_builtin_lm_")]
 LM1B = [e for e in EXPERIMENTS if e.startswith("lm1b_transformer_lm_")]
 
 
-def _compose(overrides=(), hydra_config=False):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
-
-
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
-def test_every_experiment_composes_against_the_schema(experiment):
-    cfg = _compose([f"experiment={experiment}"])
+def test_every_experiment_composes_against_the_schema(experiment, compose):
+    cfg = compose([f"experiment={experiment}"])
     OmegaConf.to_object(cfg)  # typed: a misspelt key or a wrong type fails here
     assert cfg.trainer.max_steps > 0
 
@@ -48,21 +35,21 @@ def test_every_paper_experiment_has_a_cpu_counterpart_and_back():
     assert set(EXPERIMENTS) == set(CPU + WMT + CPU_LM + LM1B)  # nothing unaccounted for
 
 
-def test_language_model_experiments():
+def test_language_model_experiments(compose):
     for experiment in LM1B:
-        cfg = _compose([f"experiment={experiment}"])
+        cfg = compose([f"experiment={experiment}"])
         assert cfg.model.name.value == "transformer_lm" and cfg.data.name == "lm1b"
         assert cfg.optim.name.value == experiment.removeprefix("lm1b_transformer_lm_")
         assert cfg.data.max_tokens == 16384 and cfg.trainer.max_minutes is None  # one batch for all
-    sm3 = _compose(["experiment=lm1b_transformer_lm_sm3"])
+    sm3 = compose(["experiment=lm1b_transformer_lm_sm3"])
     assert (sm3.optim.momentum, sm3.optim.beta, sm3.schedule.name.value) == (0.9, 0.0, "quadratic_warmup")
     for experiment in CPU_LM:
-        cfg = _compose([f"experiment={experiment}"])
+        cfg = compose([f"experiment={experiment}"])
         assert (cfg.model.name.value, cfg.model.d_model, cfg.data.name) == ("transformer_lm", 128, "builtin")
 
 
-def test_paper_settings():
-    cfgs = {e.removeprefix("wmt14_en_fr_big_"): _compose([f"experiment={e}"]) for e in WMT}
+def test_paper_settings(compose):
+    cfgs = {e.removeprefix("wmt14_en_fr_big_"): compose([f"experiment={e}"]) for e in WMT}
     for name, cfg in cfgs.items():
         model = cfg.model
         assert (model.d_model, model.heads, model.encoder_layers, model.decoder_layers) == (1024, 16, 6, 6)
@@ -74,7 +61,7 @@ def test_paper_settings():
     batch = {name: cfg.data.max_tokens * cfg.trainer.grad_accum for name, cfg in cfgs.items()}
     assert {batch[n] for n in ("sm3", "adam", "adagrad", "adafactor")} == {batch["sm3"]}
     assert batch["sm3_2x_batch"] == 2 * batch["sm3"] and cfgs["sm3_2x_batch"].trainer.grad_accum == 1
-    cpu = {e.removeprefix("cpu_builtin_"): _compose([f"experiment={e}"]) for e in CPU}
+    cpu = {e.removeprefix("cpu_builtin_"): compose([f"experiment={e}"]) for e in CPU}
     assert all(cfg.data.name == "builtin" and cfg.model.d_model == 128 for cfg in cpu.values())
     assert cpu["sm3_2x_batch"].data.max_tokens == 2 * cpu["sm3"].data.max_tokens
 
@@ -95,30 +82,27 @@ def _installed(module: str) -> bool:
 
 
 @pytest.mark.parametrize("path", sorted(PLUGINS))
-def test_plugin_configs(path):
+def test_plugin_configs(path, compose):
     override, module, package = PLUGINS[path]
     text = yaml.safe_load((ROOT / "conf" / path).read_text())
     assert text["defaults"], path  # readable YAML that selects the plugin's base config
     if not _installed(module):
         pytest.skip(f"{package} is not installed (optional: uv run --group sweeps pytest)")
-    cfg = _compose([override, "experiment=cpu_builtin_sm3"], hydra_config=True)
+    cfg = compose([override, "experiment=cpu_builtin_sm3"], hydra_config=True)
     if "optuna" in package:
         assert cfg.hydra.sweeper.direction == "maximize" and "optim.lr" in cfg.hydra.sweeper.params
     else:
         assert cfg.hydra.launcher.gpus_per_node == 1
 
 
-def test_cpu_experiments_run_through_the_cli(tmp_path):
+def test_cpu_experiments_run_through_the_cli(tmp_path, cache_dir, train_cli):
     """All CPU counterparts (translation and language modelling) as one multirun of two steps each, then compared."""
     sweep = tmp_path / "sweep"
     tiny = ["logger=none", "trainer.progress=false", "trainer.max_steps=2", "trainer.eval_interval=2",
             "trainer.polyak=false", "data.num_train=300", "data.num_valid=8", "data.num_test=8",
             "trainer.eval_max_len=12"]
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "-m", "experiment=" + ",".join(CPU + CPU_LM), *tiny,
-         f"data.cache_dir={tmp_path / 'cache'}", f"hydra.sweep.dir={sweep}"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    train_cli(["-m", "experiment=" + ",".join(CPU + CPU_LM), *tiny, f"data.cache_dir={cache_dir}",
+               f"hydra.sweep.dir={sweep}"], tmp_path)
     summaries = {p.parent.name: json.loads(p.read_text()) for p in sweep.glob("*/summary.json")}
     assert len(summaries) == len(CPU + CPU_LM), list(sweep.iterdir())
     assert {s["step"] for s in summaries.values()} == {2}

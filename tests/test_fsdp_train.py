@@ -6,8 +6,6 @@ import json
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,62 +13,50 @@ import torch
 import torch.distributed as dist
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+from trainer.checkpoint import Checkpointer, CheckpointError, UnsafeCheckpointError, latest_checkpoint, step_dirs
 
-from checkpoint import (CheckpointError, UnsafeCheckpointError, latest_checkpoint,  # noqa: E402
-                        load_sharded_checkpoint, save_sharded_checkpoint, step_dirs)
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
 # tests/test_ddp.py's settings, plus gradient clipping (the norm must cover every rank's shards), Polyak
 # averaging (the averaged copy is sharded too) and an evaluation during training (every rank takes part)
 COMMON = ["model=transformer_tiny", "model.dropout=0.0", "logger=none", "trainer.progress=false",
           "data.num_train=300", "data.num_valid=8", "data.num_test=8", "data.max_tokens=512", "trainer.eval_max_len=8",
           "trainer.log_interval=1", "trainer.eval_interval=3", "schedule.warmup_steps=2", "trainer.clip_norm=0.5"]
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-
-
-def _run(launcher, run_dir, cache, *overrides):
-    result = subprocess.run([*launcher, str(ROOT / "train.py"), *COMMON, f"data.cache_dir={cache}",
-                             f"hydra.run.dir={run_dir}", *overrides],
-                            capture_output=True, text=True, timeout=300, cwd=run_dir.parent)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    return result
-
-
-def _losses(run_dir, key="loss"):
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r[key] for r in records if key in r]
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, cache_dir, train_cli):
     """4 steps of 4 batches: 1 process with grad_accum=4; 2 FSDP ranks with grad_accum=2 (gradient sync
     skipped on the first micro-step), checkpointing at step 2; that run cut back to its step-2
     checkpoint (as if stopped there) and resumed to step 4 on 2 ranks, and on 1 FSDP rank with
     grad_accum=4 (the same global batches)."""
     tmp = tmp_path_factory.mktemp("fsdp")
-    cache, fsdp = tmp / "cache", ["trainer.parallel=fsdp", "trainer.checkpoint_interval=2", "trainer.max_steps=4"]
+    fsdp = ["trainer.parallel=fsdp", "trainer.checkpoint_interval=2", "trainer.max_steps=4"]
     out = {name: tmp / name for name in ("single", "straight", "resumed", "resharded")}
-    _run([sys.executable], out["single"], cache, "trainer.grad_accum=4", "trainer.max_steps=4")
-    out["straight_stdout"] = _run([*TORCHRUN, "--nproc_per_node=2"], out["straight"], cache, *fsdp,
-                                  "trainer.grad_accum=2").stdout
+
+    def run(launcher, run_dir, *overrides):
+        return train_cli([*COMMON, f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", *overrides], tmp,
+                         launcher=launcher)
+
+    run(None, out["single"], "trainer.grad_accum=4", "trainer.max_steps=4")
+    out["straight_stdout"] = run(train_cli.torchrun(2), out["straight"], *fsdp,
+                                 "trainer.grad_accum=2").stdout
     for name, processes, grad_accum in (("resumed", 2, 2), ("resharded", 1, 4)):
         shutil.copytree(out["straight"], out[name])
         shutil.rmtree(out[name] / "checkpoints" / "step-000004")
-        out[f"{name}_stdout"] = _run([*TORCHRUN, f"--nproc_per_node={processes}"], out[name], cache, *fsdp,
-                                     f"trainer.grad_accum={grad_accum}").stdout
+        out[f"{name}_stdout"] = run(train_cli.torchrun(processes), out[name], *fsdp,
+                                    f"trainer.grad_accum={grad_accum}").stdout
     return out
 
 
-def test_two_fsdp_processes_match_one_with_the_same_global_batch(runs):
-    one, two = _losses(runs["single"]), _losses(runs["straight"])
+def test_two_fsdp_processes_match_one_with_the_same_global_batch(runs, metrics):
+    one, two = metrics(runs["single"], "loss"), metrics(runs["straight"], "loss")
     assert len(one) == len(two) == 4
     for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=1e-5)
     assert runs["straight_stdout"].count("process(es)") == 1  # rank 0 alone prints and logs
     for key in ("valid_loss", "valid_loss_averaged"):  # at step 3 (not a checkpoint step) and the end
-        assert _losses(runs["straight"], key) == pytest.approx(_losses(runs["single"], key), rel=1e-5)
+        assert metrics(runs["straight"], key) == pytest.approx(metrics(runs["single"], key), rel=1e-5)
     single, sharded = (json.loads((runs[name] / "summary.json").read_text()) for name in ("single", "straight"))
     assert sharded["step"] == 4
     for key in ("valid_loss", "test_loss", "test_loss_averaged"):  # every rank evaluated; the averaged copy too
@@ -82,26 +68,22 @@ def test_two_fsdp_processes_match_one_with_the_same_global_batch(runs):
         ".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt", "rng-0.pt", "rng-1.pt"}
 
 
-def test_fsdp_resume_is_exact_and_reshards_to_another_world_size(runs):
-    straight = _losses(runs["straight"])
+def test_fsdp_resume_is_exact_and_reshards_to_another_world_size(runs, metrics):
+    straight = metrics(runs["straight"], "loss")
     summary = {name: json.loads((runs[name] / "summary.json").read_text()) for name in ("straight", "resharded")}
     assert "Resuming from" in runs["resumed_stdout"] and "step-000002 at step 2" in runs["resumed_stdout"]
-    assert _losses(runs["resumed"]) == straight  # same world size: bit for bit
+    assert metrics(runs["resumed"], "loss") == straight  # same world size: bit for bit
     assert "step-000002 at step 2" in runs["resharded_stdout"] and "1 process(es)" in runs["resharded_stdout"]
-    assert _losses(runs["resharded"]) == pytest.approx(straight, rel=1e-5)  # 2 ranks -> 1, the same batches
+    assert metrics(runs["resharded"], "loss") == pytest.approx(straight, rel=1e-5)  # 2 ranks -> 1, the same batches
     assert summary["resharded"]["test_loss_averaged"] == pytest.approx(summary["straight"]["test_loss_averaged"],
                                                                        rel=1e-5)
 
 
-def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path):
+def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path, train_cli, one_line_error):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS")}
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *COMMON, "trainer.parallel=fsdp",
-                             f"hydra.run.dir={tmp_path / 'run'}"], capture_output=True, text=True, timeout=120,
-                            cwd=tmp_path, env=env)
-    assert result.returncode == 2, result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    assert "trainer.parallel=fsdp needs torchrun" in errors[0]
+    result = train_cli([*COMMON, "trainer.parallel=fsdp", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env=env,
+                       check=False)
+    assert "trainer.parallel=fsdp needs torchrun" in one_line_error(result)
 
 
 # --- sharded checkpoint directories, in process (a one-rank gloo group) ------------------------
@@ -137,8 +119,9 @@ def _progress(step):
 
 def test_sharded_checkpoints_keep_k_skip_incomplete_and_refuse_unsafe(tmp_path, one_rank):
     cfg, model, optimizer, scheduler = one_rank()
+    checkpointer = Checkpointer(tmp_path, cfg, model, optimizer, scheduler, sharded=True, keep=3)
     for step in range(1, 6):
-        save_sharded_checkpoint(tmp_path, cfg, model, optimizer, scheduler, None, _progress(step), keep=3)
+        checkpointer.save(_progress(step))
     assert [p.name for p in step_dirs(tmp_path)] == ["step-000005", "step-000004", "step-000003"]
     assert not list(tmp_path.glob("*.tmp"))
     with pytest.raises(CheckpointError, match="sharded checkpoints .* trainer.parallel=fsdp"):
@@ -151,8 +134,8 @@ def test_sharded_checkpoints_keep_k_skip_incomplete_and_refuse_unsafe(tmp_path, 
     expected = {k: v.full_tensor().clone() for k, v in model.state_dict().items()}
     _, fresh, fresh_optimizer, fresh_scheduler = one_rank(seed=1)
     reports = []
-    path, progress = load_sharded_checkpoint(tmp_path, cfg, fresh, fresh_optimizer, fresh_scheduler, None,
-                                             report=reports.append)
+    restorer = Checkpointer(tmp_path, cfg, fresh, fresh_optimizer, fresh_scheduler, sharded=True, report=reports.append)
+    path, progress = restorer.load()
     assert path.name == "step-000004" and progress["step"] == 4
     assert len(reports) == 1 and "step-000005" in reports[0] and "incomplete" in reports[0]
     for key, value in fresh.state_dict().items():
@@ -160,13 +143,13 @@ def test_sharded_checkpoints_keep_k_skip_incomplete_and_refuse_unsafe(tmp_path, 
     assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].full_tensor().abs().sum() > 0
 
     # saving step 5 again (after resuming from 4) replaces the truncated one
-    save_sharded_checkpoint(tmp_path, cfg, model, optimizer, scheduler, None, _progress(5), keep=3)
-    assert load_sharded_checkpoint(tmp_path, cfg, fresh, fresh_optimizer, fresh_scheduler, None)[1]["step"] == 5
+    checkpointer.save(_progress(5))
+    assert restorer.load()[1]["step"] == 5
 
     # another model: refused, naming the field
     other_cfg = OmegaConf.create({"model": {"width": 5}})
     with pytest.raises(CheckpointError, match="model.width: checkpoint 3 vs config 5"):
-        load_sharded_checkpoint(tmp_path, other_cfg, *one_rank(width=5)[1:], None)
+        Checkpointer(tmp_path, other_cfg, *one_rank(width=5)[1:], sharded=True).load()
 
     # a .metadata that would run code when unpickled: refused (never skipped), and nothing runs
     marker = tmp_path / "marker"
@@ -177,7 +160,7 @@ def test_sharded_checkpoints_keep_k_skip_incomplete_and_refuse_unsafe(tmp_path, 
 
     (tmp_path / "step-000005" / ".metadata").write_bytes(pickle.dumps(WritesMarker()))
     with pytest.raises(UnsafeCheckpointError, match="names pathlib.Path.write_text, which could run code"):
-        load_sharded_checkpoint(tmp_path, cfg, fresh, fresh_optimizer, fresh_scheduler, None)
+        restorer.load()
     assert not marker.exists()
 
 
@@ -186,9 +169,9 @@ def test_sharded_save_refuses_non_finite_parameters_and_single_files(tmp_path, o
     (tmp_path / "ddp").mkdir()
     (tmp_path / "ddp" / "step-000001.pt").write_bytes(b"a 1-process checkpoint")
     with pytest.raises(CheckpointError, match="single-file checkpoints"):
-        load_sharded_checkpoint(tmp_path / "ddp", cfg, model, optimizer, scheduler, None)
+        Checkpointer(tmp_path / "ddp", cfg, model, optimizer, scheduler, sharded=True).load()
     with torch.no_grad():
         model[1].weight.to_local()[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="1.weight is not finite"):
-        save_sharded_checkpoint(tmp_path, cfg, model, optimizer, scheduler, None, _progress(2))
+        Checkpointer(tmp_path, cfg, model, optimizer, scheduler, sharded=True).save(_progress(2))
     assert step_dirs(tmp_path) == []

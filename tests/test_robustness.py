@@ -6,7 +6,6 @@ import os
 import pickle
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -14,38 +13,17 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from checkpoint import (CheckpointError, UnsafeCheckpointError, latest_checkpoint,  # noqa: E402
-                        load_checkpoint, save_checkpoint, step_files)
-
-TINY = ["model=transformer_tiny", "logger=none", "trainer.progress=false", "data.num_train=300",
-        "data.num_valid=8", "data.num_test=8", "data.max_tokens=1024", "trainer.eval_interval=1000",
-        "trainer.log_interval=1", "trainer.eval_max_len=12", "schedule.warmup_steps=2"]
+from trainer.checkpoint import (Checkpointer, CheckpointError, UnsafeCheckpointError, latest_checkpoint,
+                                read_checkpoint, step_files)
 
 
-@pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
+@pytest.fixture
+def run_train(tmp_path, tiny, train_cli):
+    """``run_train(args, env=None)``: the tiny run with ``args``, in tmp_path, no evaluation until the end."""
+    def run_train(args, env=None):
+        return train_cli([*tiny, "trainer.eval_interval=1000", *args], tmp_path, env=env, check=False)
 
-
-def _command(args, cache_dir):
-    flags = [a for a in args if a.startswith("-")]  # e.g. -m, which must precede the overrides
-    overrides = [a for a in args if not a.startswith("-")]
-    return [sys.executable, str(ROOT / "train.py"), *flags, *TINY, f"data.cache_dir={cache_dir}", *overrides]
-
-
-def _train(args, cwd, cache_dir, env=None):
-    return subprocess.run(_command(args, cache_dir), cwd=cwd, capture_output=True, text=True, timeout=300,
-                          env=env)
-
-
-def _one_line_error(result, code=2):
-    assert result.returncode == code, result.stdout + result.stderr
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
-    return errors[0]
+    return run_train
 
 
 # --- checkpoint files, in process -----------------------------------------------------------
@@ -59,9 +37,9 @@ def _objects():
 
 
 def test_keeps_last_k_and_skips_a_corrupt_latest(tmp_path):
-    cfg, model, optimizer, scheduler = _objects()
+    checkpointer = Checkpointer(tmp_path, *_objects(), keep=3)
     for step in range(1, 6):
-        save_checkpoint(tmp_path, cfg, model, optimizer, scheduler, None, {"step": step}, keep=3)
+        checkpointer.save({"step": step})
     assert [p.name for p in step_files(tmp_path)] == ["step-000005.pt", "step-000004.pt", "step-000003.pt"]
     assert (tmp_path / "last.pt").read_bytes() == (tmp_path / "step-000005.pt").read_bytes()
     # a save killed mid-write leaves a stray temporary file; a disk fault truncates the newest (and
@@ -82,11 +60,12 @@ def test_keeps_last_k_and_skips_a_corrupt_latest(tmp_path):
 
 def test_refuses_non_finite_parameters(tmp_path):
     cfg, model, optimizer, scheduler = _objects()
-    save_checkpoint(tmp_path, cfg, model, optimizer, scheduler, None, {"step": 1})
+    checkpointer = Checkpointer(tmp_path, cfg, model, optimizer, scheduler)
+    checkpointer.save({"step": 1})
     with torch.no_grad():
         model.weight[0, 0] = float("nan")
     with pytest.raises(CheckpointError, match="not finite"):
-        save_checkpoint(tmp_path, cfg, model, optimizer, scheduler, None, {"step": 2})
+        checkpointer.save({"step": 2})
     assert latest_checkpoint(tmp_path)[1]["progress"]["step"] == 1
 
 
@@ -108,15 +87,14 @@ def test_pickle_that_runs_code_is_refused(tmp_path, container):
         planted.write_bytes(pickle.dumps(payload, protocol=2))
     else:
         torch.save(payload, planted)
-    cfg, model, optimizer, scheduler = _objects()
     with pytest.raises(UnsafeCheckpointError, match="could run code"):
-        load_checkpoint(planted, cfg, model, optimizer, scheduler, None)
+        read_checkpoint(planted)
     with pytest.raises(UnsafeCheckpointError):  # never skipped in favour of an older one
         latest_checkpoint(planted.parent)
     assert not marker.exists()
     planted.write_bytes(pickle.dumps(payload))  # newer protocols fail even earlier, still refused
     with pytest.raises(CheckpointError):
-        load_checkpoint(planted, cfg, model, optimizer, scheduler, None)
+        read_checkpoint(planted)
     assert not marker.exists()
 
 
@@ -130,7 +108,7 @@ def _wait_for(predicate, process, timeout=120):
         time.sleep(0.05)
 
 
-def test_sigkill_mid_save_then_sigterm_then_double_sigint(tmp_path, cache_dir):
+def test_sigkill_mid_save_then_sigterm_then_double_sigint(tmp_path, tiny, train_cli):
     run_dir = tmp_path / "run"
     args = ["trainer.max_steps=100000", "trainer.checkpoint_interval=1", "trainer.keep_checkpoints=2",
             f"hydra.run.dir={run_dir}"]
@@ -140,7 +118,7 @@ def test_sigkill_mid_save_then_sigterm_then_double_sigint(tmp_path, cache_dir):
         return [int(p.name[5:11]) for p in step_files(checkpoints)]
 
     def popen():
-        return subprocess.Popen(_command(args, cache_dir), cwd=tmp_path, stdout=subprocess.PIPE,
+        return subprocess.Popen(train_cli.command([*tiny, "trainer.eval_interval=1000", *args]), cwd=tmp_path, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
 
     # saving every step, so SIGKILL lands in or near a save
@@ -175,28 +153,28 @@ def test_sigkill_mid_save_then_sigterm_then_double_sigint(tmp_path, cache_dir):
     assert latest_checkpoint(checkpoints) is not None
 
 
-def test_bad_corpus_files_are_one_line_errors(tmp_path, cache_dir):
-    missing = _one_line_error(_train(["data=local", "data.train_path=/nope.tsv"], tmp_path, cache_dir))
+def test_bad_corpus_files_are_one_line_errors(tmp_path, run_train, one_line_error):
+    missing = one_line_error(run_train(["data=local", "data.train_path=/nope.tsv"]))
     assert "data.train_path" in missing and "/nope.tsv" in missing and "not found" in missing
     (tmp_path / "train.en").write_text("one\ntwo\nthree\n")
     (tmp_path / "train.fr").write_text("un\ndeux\n")
-    misaligned = _one_line_error(_train(["data=local", f"data.train_path={tmp_path / 'train.en'}",
-                                         f"data.train_target_path={tmp_path / 'train.fr'}"], tmp_path, cache_dir))
+    misaligned = one_line_error(run_train(["data=local", f"data.train_path={tmp_path / 'train.en'}",
+                                           f"data.train_target_path={tmp_path / 'train.fr'}"]))
     assert "not aligned" in misaligned and "train.fr" in misaligned
     (tmp_path / "latin1.tsv").write_bytes(b"ok\tbien\ncaf\xe9\tcaf\xc3\xa9\n")
-    not_utf8 = _one_line_error(_train(["data=local", f"data.train_path={tmp_path / 'latin1.tsv'}"], tmp_path,
-                                      cache_dir))
+    not_utf8 = one_line_error(run_train(["data=local", f"data.train_path={tmp_path / 'latin1.tsv'}"]))
     assert "UTF-8" in not_utf8 and "latin1.tsv" in not_utf8 and "line 2" in not_utf8
 
 
-def test_wandb_unreachable_runs_offline_resumes_same_run_and_rejects_other_model(tmp_path, cache_dir):
+def test_wandb_unreachable_runs_offline_resumes_same_run_and_rejects_other_model(tmp_path, run_train,
+                                                                                  one_line_error):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     env.update(HOME=str(tmp_path), WANDB_BASE_URL="http://127.0.0.1:9", WANDB_SILENT="true")
     run_dir = tmp_path / "run"
     # checkpoint by wall clock only (every step here), keeping one step file
     args = ["logger=wandb", "logger.mode=online", "trainer.checkpoint_interval=1000", "trainer.checkpoint_minutes=0",
             "trainer.keep_checkpoints=1", f"hydra.run.dir={run_dir}"]
-    first = _train([*args, "trainer.max_steps=2"], tmp_path, cache_dir, env)
+    first = run_train([*args, "trainer.max_steps=2"], env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "offline" in first.stdout
     checkpoints = run_dir / "checkpoints"
@@ -204,21 +182,20 @@ def test_wandb_unreachable_runs_offline_resumes_same_run_and_rejects_other_model
     run_id = torch.load(checkpoints / "last.pt", weights_only=True)["progress"]["wandb_id"]
     assert run_id and list((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
 
-    second = _train([*args, "trainer.max_steps=3"], tmp_path, cache_dir, env)
+    second = run_train([*args, "trainer.max_steps=3"], env)
     assert second.returncode == 0 and "at step 2" in second.stdout, second.stdout + second.stderr
     assert torch.load(checkpoints / "last.pt", weights_only=True)["progress"]["wandb_id"] == run_id
 
-    other = _train(["logger=none", "model.d_ff=256", "trainer.max_steps=4", f"hydra.run.dir={run_dir}"],
-                   tmp_path, cache_dir)
-    error = _one_line_error(other)
+    other = run_train(["logger=none", "model.d_ff=256", "trainer.max_steps=4", f"hydra.run.dir={run_dir}"])
+    error = one_line_error(other)
     assert "model.d_ff: checkpoint 512 vs config 256" in error
 
 
-def test_nan_steps_skipped_and_a_failing_multirun_job_does_not_stop_the_sweep(tmp_path, cache_dir):
+def test_nan_steps_skipped_and_a_failing_multirun_job_does_not_stop_the_sweep(tmp_path, run_train, metrics):
     sweep = tmp_path / "sweep"
-    result = _train(["-m", "trainer.max_bad_steps=2,3", "trainer.debug_nan_steps=[2,3]", "trainer.max_steps=4",
+    result = run_train(["-m", "trainer.max_bad_steps=2,3", "trainer.debug_nan_steps=[2,3]", "trainer.max_steps=4",
                      "trainer.checkpoint_interval=1", f"hydra.sweep.dir={sweep}",
-                     "hydra.sweep.subdir=job${hydra.job.num}"], tmp_path, cache_dir)
+                       "hydra.sweep.subdir=job${hydra.job.num}"])
     assert result.returncode == 1, result.stdout + result.stderr
     failed, done = sweep / "job0", sweep / "job1"  # max_bad_steps=2, =3
     error = json.loads((failed / "failed.json").read_text())["error"]
@@ -232,6 +209,6 @@ def test_nan_steps_skipped_and_a_failing_multirun_job_does_not_stop_the_sweep(tm
 
     summary = json.loads((done / "summary.json").read_text())
     assert summary["step"] == 4 and summary["skipped_steps"] == 2
-    records = [json.loads(line) for line in (done / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(done)
     assert [r["step"] for r in records if "loss" in r] == [1, 4]
     assert [r["skipped_steps"] for r in records if "loss" not in r and "valid_loss" not in r] == [1, 2]

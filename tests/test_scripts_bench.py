@@ -11,13 +11,11 @@ import pytest
 import torch
 from torch import nn
 
+from scripts import memory_table
+from scripts._shapes import MODELS, BertSpec, model_shapes, parameter_count
+from sm3 import optimizer_state_bytes
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-
-import memory_table  # noqa: E402
-from _shapes import MODELS, BertSpec, model_shapes, parameter_count  # noqa: E402
-
-from sm3 import optimizer_state_bytes  # noqa: E402
 
 
 def _small_translation_model() -> nn.Module:
@@ -77,7 +75,7 @@ def test_memory_table_orders_optimizers_as_the_paper():
 
 
 def test_bench_optim_tiny_end_to_end(tmp_path):
-    import bench_optim
+    from scripts import bench_optim
 
     out, png = tmp_path / "bench.md", tmp_path / "bench.png"
     # A subprocess keeps the profiler and thread settings out of this one. SM3_DISABLE_NATIVE
@@ -101,8 +99,7 @@ def test_bench_optim_tiny_end_to_end(tmp_path):
 
 _REFAULTS = """
 import resource, sys, torch
-sys.path.insert(0, sys.argv[1])
-import bench_optim
+from scripts import bench_optim
 if sys.argv[2] == "keep":
     assert bench_optim.keep_freed_memory()
 def faults():

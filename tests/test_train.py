@@ -10,53 +10,43 @@ from pathlib import Path
 import pytest
 import sacrebleu
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from models.transformer import Transformer
+from trainer.optim import build_optimizer
+from trainer.schedule import build_scheduler, inverse_sqrt, quadratic_warmup
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import schema  # noqa: E402
-from models.transformer import Transformer  # noqa: E402
-from optimizers import build_optimizer  # noqa: E402
-from schedules import build_scheduler, inverse_sqrt, quadratic_warmup  # noqa: E402
-
-schema.register()
 GROUPS = {group: sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
           for group in ("model", "optim", "schedule", "data", "logger", "trainer", "experiment")}
 
 
-def _compose(overrides=()):
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("group,option", [(g, o) for g, options in GROUPS.items() for o in options])
-def test_every_option_composes(group, option):
-    cfg = _compose([f"{group}={option}"])
+def test_every_option_composes(group, option, compose):
+    cfg = compose([f"{group}={option}"])
     OmegaConf.to_object(cfg)  # every value fits its schema
     assert cfg.trainer.max_steps > 0
 
 
-def test_optimizers_build_from_every_optim_option():
+def test_optimizers_build_from_every_optim_option(compose):
     for option in GROUPS["optim"]:
-        cfg = _compose([f"optim={option}"])
+        cfg = compose([f"optim={option}"])
         opt = build_optimizer(cfg.optim, [torch.nn.Parameter(torch.zeros(3, 2))])
         assert opt.param_groups[0]["lr"] == cfg.optim.lr
 
 
-def test_sm3_momentum_dtype_from_config():
-    cfg = _compose(["optim=sm3", "optim.momentum_dtype=bfloat16"])
+def test_sm3_momentum_dtype_from_config(compose):
+    cfg = compose(["optim=sm3", "optim.momentum_dtype=bfloat16"])
     param = torch.nn.Parameter(torch.ones(4, 3))
     opt = build_optimizer(cfg.optim, [param])
     param.grad = torch.ones(4, 3)
     opt.step()
     assert opt.state[param]["momentum_buffer"].dtype == torch.bfloat16
     with pytest.raises(Exception, match="momentum_dtype"):
-        _compose(["optim.momentum_dtype=int8"])
+        compose(["optim.momentum_dtype=int8"])
 
 
-def test_schedule_shapes():
+def test_schedule_shapes(compose):
     total, warmup = 1000, 50
     assert quadratic_warmup(0, warmup, total) == 0
     assert quadratic_warmup(25, warmup, total) == pytest.approx(0.25)
@@ -65,7 +55,7 @@ def test_schedule_shapes():
     assert quadratic_warmup(1000, warmup, total, cooldown_steps=100) == 0
     assert inverse_sqrt(25, warmup) == pytest.approx(0.5)
     assert inverse_sqrt(200, warmup) == pytest.approx(0.5)
-    cfg = _compose(["schedule=quadratic_warmup_cooldown", "trainer.max_steps=100"])
+    cfg = compose(["schedule=quadratic_warmup_cooldown", "trainer.max_steps=100"])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     scheduler = build_scheduler(cfg.schedule, opt, 100)
     lrs = []
@@ -113,32 +103,10 @@ def test_model_loss_and_decoding_shapes(pre_norm):
 
 # --- the real command line ----------------------------------------------------------------
 
-TINY = ["model=transformer_tiny", "logger=none", "trainer.progress=false", "data.num_train=300",
-        "data.num_valid=8", "data.num_test=8", "data.max_tokens=1024", "trainer.eval_interval=4",
-        "trainer.log_interval=1", "trainer.eval_max_len=12", "schedule.warmup_steps=2"]
-
-
-def _train(args, cwd, check=True):
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, capture_output=True,
-                            text=True, timeout=300)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    return str(tmp_path_factory.mktemp("data-cache"))
-
-
-def _losses(run_dir):
-    return [r["loss"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
-
-
-def test_end_to_end_run_directory_and_exact_resume(tmp_path, cache_dir):
-    common = TINY + [f"data.cache_dir={cache_dir}"]
+def test_end_to_end_run_directory_and_exact_resume(tmp_path, tiny, train_cli, metrics):
+    common = tiny + ["trainer.eval_interval=4"]
     straight = tmp_path / "straight"
-    _train(common + ["trainer.max_steps=6", f"hydra.run.dir={straight}"], tmp_path)
+    train_cli(common + ["trainer.max_steps=6", f"hydra.run.dir={straight}"], tmp_path)
     for name in ("config.yaml", "metrics.jsonl", "summary.json", "checkpoints/last.pt"):
         assert (straight / name).exists(), name
     summary = json.loads((straight / "summary.json").read_text())
@@ -146,7 +114,7 @@ def test_end_to_end_run_directory_and_exact_resume(tmp_path, cache_dir):
                 "tokens_per_second", "optimizer_state_bytes", "peak_memory_bytes", "wall_seconds"):
         assert key in summary, key
     assert summary["step"] == 6 and math.isfinite(summary["valid_loss"])
-    records = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
+    records = metrics(straight)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all({"step", "loss", "lr"} <= r.keys() for r in records if "loss" in r)
 
@@ -161,28 +129,27 @@ def test_end_to_end_run_directory_and_exact_resume(tmp_path, cache_dir):
     assert len(result.stdout.splitlines()) == 2 and "BLEU" in result.stderr
 
     resumed = tmp_path / "resumed"
-    first = _train(common + ["trainer.max_steps=3", f"hydra.run.dir={resumed}"], tmp_path)
+    first = train_cli(common + ["trainer.max_steps=3", f"hydra.run.dir={resumed}"], tmp_path)
     assert "Resuming" not in first.stdout
-    second = _train(common + ["trainer.max_steps=6", f"hydra.run.dir={resumed}"], tmp_path)
+    second = train_cli(common + ["trainer.max_steps=6", f"hydra.run.dir={resumed}"], tmp_path)
     assert "Resuming from" in second.stdout and "at step 3" in second.stdout
-    assert _losses(resumed) == _losses(straight)  # bitwise: same floats in the JSON
+    assert metrics(resumed, "loss") == metrics(straight, "loss")  # bitwise: same floats in the JSON
 
 
-def test_bad_config_gives_a_clear_error(tmp_path):
-    result = _train(["trainer.max_stesp=5"], tmp_path, check=False)
+def test_bad_config_gives_a_clear_error(tmp_path, train_cli):
+    result = train_cli(["trainer.max_stesp=5"], tmp_path, check=False)
     assert result.returncode == 2 and "max_stesp" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
-    result = _train(["optim=adamw"], tmp_path, check=False)
+    result = train_cli(["optim=adamw"], tmp_path, check=False)
     out = result.stderr + result.stdout
     assert result.returncode == 2 and "adamw" in out and "sm3" in out  # lists the valid choices
-    result = _train(["logger.mode=sometimes"], tmp_path, check=False)
+    result = train_cli(["logger.mode=sometimes"], tmp_path, check=False)
     assert result.returncode != 0 and "online" in result.stderr + result.stdout
 
 
-def test_multirun_two_jobs(tmp_path, cache_dir):
+def test_multirun_two_jobs(tmp_path, tiny, train_cli):
     sweep = tmp_path / "sweep"
-    _train(["-m", "optim=sm3,adam", "trainer.max_steps=2", f"data.cache_dir={cache_dir}",
-            f"hydra.sweep.dir={sweep}", *TINY], tmp_path)
+    train_cli(["-m", "optim=sm3,adam", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}", *tiny], tmp_path)
     summaries = sorted(sweep.glob("*/summary.json"))
     assert len(summaries) == 2, list(sweep.iterdir())
     assert {json.loads(s.read_text())["step"] for s in summaries} == {2}
@@ -190,15 +157,10 @@ def test_multirun_two_jobs(tmp_path, cache_dir):
 
 # --- language modelling through the same command line ---------------------------------------
 
-TINY_LM = ["model=transformer_lm_tiny", "data=builtin_lm", "logger=none", "trainer.progress=false",
-           "data.num_train=200", "data.num_valid=10", "data.num_test=10", "data.seq_len=32", "data.max_tokens=256",
-           "trainer.eval_interval=3", "trainer.log_interval=1", "schedule.warmup_steps=2"]
-
-
-def test_lm_end_to_end_perplexity_and_exact_resume(tmp_path, cache_dir):
-    common = TINY_LM + [f"data.cache_dir={cache_dir}"]
+def test_lm_end_to_end_perplexity_and_exact_resume(tmp_path, tiny_lm, train_cli, metrics):
+    common = tiny_lm
     straight = tmp_path / "straight"
-    result = _train(common + ["trainer.max_steps=6", f"hydra.run.dir={straight}"], tmp_path)
+    result = train_cli(common + ["trainer.max_steps=6", f"hydra.run.dir={straight}"], tmp_path)
     assert "test perplexity" in result.stdout
     summary = json.loads((straight / "summary.json").read_text())
     for split in ("valid", "test"):
@@ -207,26 +169,26 @@ def test_lm_end_to_end_perplexity_and_exact_resume(tmp_path, cache_dir):
             assert ppl == pytest.approx(math.exp(loss)) and 1 < ppl < 2000  # vocabulary 1000: near uniform at most
     assert "test_bleu" not in summary and summary["step"] == 6
     # valid perplexity recorded during training (eval_interval 3), and it fell from the untrained model's
-    evals = [r for r in map(json.loads, (straight / "metrics.jsonl").read_text().splitlines()) if "valid_ppl" in r]
+    evals = [r for r in metrics(straight) if "valid_ppl" in r]
     assert [r["step"] for r in evals] == [3, 6]
 
     resumed = tmp_path / "resumed"
-    _train(common + ["trainer.max_steps=3", f"hydra.run.dir={resumed}"], tmp_path)
-    second = _train(common + ["trainer.max_steps=6", f"hydra.run.dir={resumed}"], tmp_path)
+    train_cli(common + ["trainer.max_steps=3", f"hydra.run.dir={resumed}"], tmp_path)
+    second = train_cli(common + ["trainer.max_steps=6", f"hydra.run.dir={resumed}"], tmp_path)
     assert "at step 3" in second.stdout
-    assert _losses(resumed) == _losses(straight)
+    assert metrics(resumed, "loss") == metrics(straight, "loss")
 
 
-def test_lm_learns_on_builtin_data(tmp_path, cache_dir):
+def test_lm_learns_on_builtin_data(tmp_path, tiny_lm, train_cli, metrics):
     run = tmp_path / "run"
-    _train(TINY_LM + [f"data.cache_dir={cache_dir}", "trainer.max_steps=40", "trainer.eval_interval=1000",
+    train_cli(tiny_lm + ["trainer.max_steps=40", "trainer.eval_interval=1000",
                       "optim=adam", "optim.lr=3e-3", "schedule=inverse_sqrt", f"hydra.run.dir={run}"], tmp_path)
-    losses = _losses(run)
+    losses = metrics(run, "loss")
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 1.0  # nats per token
 
 
 @pytest.mark.parametrize("args,needs", [(["model=transformer_lm_tiny", "data=builtin"], "language-modelling"),
                                         (["model=transformer_tiny", "data=builtin_lm"], "translation")])
-def test_model_and_data_kinds_must_match(tmp_path, args, needs):
-    result = _train(args + ["logger=none"], tmp_path, check=False)
+def test_model_and_data_kinds_must_match(tmp_path, args, needs, train_cli):
+    result = train_cli(args + ["logger=none"], tmp_path, check=False)
     assert result.returncode == 2 and needs in result.stderr and "Traceback" not in result.stderr

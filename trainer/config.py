@@ -1,4 +1,4 @@
-"""Typed schemas of every config group, registered in Hydra's ConfigStore.
+"""Typed schemas of every config group, registered in Hydra's ConfigStore (`register()`).
 
 YAML files in `conf/` only fill values: a misspelt key or a wrong type fails at start.
 """

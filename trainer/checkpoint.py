@@ -28,10 +28,15 @@ import os
 import pickle
 import re
 import shutil
+import time
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
+import torch.distributed as dist
 from omegaconf import OmegaConf
+
+from trainer.distributed import all_reduce
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 STEP_DIR = re.compile(r"^step-(\d+)$")  # FSDP: one DCP directory per save
@@ -43,10 +48,6 @@ class CheckpointError(RuntimeError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A checkpoint that would run code when unpickled: never skipped silently."""
-
-
-def _model_fields(cfg) -> dict:
-    return OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
 
 
 def _atomic_write(state: dict, path: Path) -> None:
@@ -72,39 +73,6 @@ def step_files(checkpoint_dir: Path) -> list[Path]:
         return []
     found = [(int(m.group(1)), p) for p in checkpoint_dir.iterdir() if (m := STEP_FILE.match(p.name))]
     return [p for _, p in sorted(found, reverse=True)]
-
-
-def save_checkpoint(checkpoint_dir: Path, cfg, model, optimizer, scheduler, averaged, progress: dict,
-                    keep: int = 3) -> Path:
-    """Everything a run needs to continue bit-identically, as ``step-NNNNNN.pt`` (temporary file, fsync,
-    rename) and ``last.pt`` (link renamed into place); step files beyond the newest ``keep`` are removed.
-    Refuses to write non-finite parameters, so a diverged state never replaces a good checkpoint."""
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            raise CheckpointError(f"refusing to checkpoint step {progress['step']}: parameter {name} is not finite")
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "averaged": averaged.state_dict() if averaged is not None else None,
-        "progress": dict(progress),
-        "rng": _rng_state(),
-        "model_config": _model_fields(cfg),
-    }
-    checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_dir / f"step-{progress['step']:06d}.pt"
-    _atomic_write(state, path)
-    last, link = checkpoint_dir / "last.pt", checkpoint_dir / "last.pt.tmp"
-    link.unlink(missing_ok=True)
-    try:
-        os.link(path, link)
-    except OSError:  # file systems without hard links
-        shutil.copyfile(path, link)
-    os.replace(link, last)
-    for old in step_files(checkpoint_dir)[max(keep, 1):]:
-        old.unlink(missing_ok=True)
-    _sync_dir(checkpoint_dir)
-    return path
 
 
 def _load_weights_only(path: Path):
@@ -151,8 +119,7 @@ def latest_checkpoint(checkpoint_dir: Path, report=print) -> tuple[Path, dict] |
     return None
 
 
-def _check_model_config(saved: dict, path: Path, cfg) -> None:
-    current = _model_fields(cfg)
+def _check_model_config(saved: dict, path: Path, current: dict) -> None:
     mismatched = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
     if mismatched:
         details = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in mismatched)
@@ -169,27 +136,6 @@ def _restore_rng(rng: dict) -> None:
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def restore_checkpoint(state: dict, path: Path, cfg, model, optimizer, scheduler, averaged) -> dict:
-    """Restores the objects in place and returns the saved progress (step, data position...)."""
-    _check_model_config(state["model_config"], path, cfg)
-    try:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (KeyError, ValueError, RuntimeError) as error:
-        first_line = str(error).strip().splitlines()[0]
-        raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer ({first_line})") from error
-    if averaged is not None and state["averaged"] is not None:
-        averaged.load_state_dict(state["averaged"])
-    _restore_rng(state["rng"])
-    return state["progress"]
-
-
-def load_checkpoint(path: Path, cfg, model, optimizer, scheduler, averaged) -> dict:
-    """One named checkpoint file: read safely and restored in place; returns the saved progress."""
-    return restore_checkpoint(read_checkpoint(path), path, cfg, model, optimizer, scheduler, averaged)
 
 
 # --- sharded (FSDP) checkpoints through torch.distributed.checkpoint ---------------------------------
@@ -273,15 +219,6 @@ def _merge(tensors: dict, rest: dict) -> dict:
     return merged
 
 
-def _max_over_ranks(values: list[float]) -> list[float]:
-    import torch.distributed as dist
-
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    reduced = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
-    return reduced.tolist()
-
-
 def _sharded_state(model, optimizer, averaged) -> dict:
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
@@ -290,46 +227,6 @@ def _sharded_state(model, optimizer, averaged) -> dict:
     if averaged is not None:
         state["averaged"] = get_model_state_dict(averaged)
     return state
-
-
-def save_sharded_checkpoint(checkpoint_dir: Path, cfg, model, optimizer, scheduler, averaged, progress: dict,
-                            keep: int = 3) -> Path:
-    """FSDP: every rank calls this; writes ``step-NNNNNN/`` (see the module docstring) and removes
-    directories beyond the newest ``keep``. Refuses non-finite parameters on every rank alike."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    state = _sharded_state(model, optimizer, averaged)
-    names = [name for name, tensor in state["model"].items() if tensor.is_floating_point()]
-    local = [t.to_local() if hasattr(t, "to_local") else t for t in (state["model"][name] for name in names)]
-    bad = _max_over_ranks([float(not torch.isfinite(t).all()) for t in local])  # each rank checks its shards
-    if any(bad):
-        raise CheckpointError(f"refusing to checkpoint step {progress['step']}: parameter "
-                              f"{names[bad.index(1.0)]} is not finite")
-    tensors, rest = _split(state)
-    final = checkpoint_dir / f"step-{progress['step']:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    if rank == 0:
-        for stale in checkpoint_dir.glob("step-*.tmp"):  # left by saves that were killed
-            shutil.rmtree(stale)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    _atomic_write(_rng_state(), tmp / f"rng-{rank}.pt")
-    dcp.save(tensors, checkpoint_id=tmp)  # returns on every rank once all shards and .metadata are written
-    if rank == 0:
-        _atomic_write({"progress": dict(progress), "scheduler": scheduler.state_dict(), "world_size": world_size,
-                       "model_config": _model_fields(cfg), "non_tensor": rest}, tmp / "state.pt")
-    dist.barrier()
-    if rank == 0:
-        if final.exists():  # a corrupt one of the same step, from before the resume
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in step_dirs(checkpoint_dir)[max(keep, 1):]:
-            shutil.rmtree(old)
-        _sync_dir(checkpoint_dir)
-    dist.barrier()
-    return final
 
 
 def read_sharded_state(path: Path, rank: int) -> dict:
@@ -358,37 +255,184 @@ def read_sharded_state(path: Path, rank: int) -> dict:
     return state
 
 
-def load_sharded_checkpoint(checkpoint_dir: Path, cfg, model, optimizer, scheduler, averaged,
-                            report=print) -> tuple[Path, dict] | None:
-    """FSDP: every rank calls this. Restores the newest complete ``step-NNNNNN/`` in place (resharded
-    by DCP if the world size changed) and returns (its path, the saved progress); None when there is
-    none. The ranks agree on which directory to use; any CheckpointError is raised on every rank."""
-    import torch.distributed as dist
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
-    rank, world_size = dist.get_rank(), dist.get_world_size()
-    candidates = step_dirs(checkpoint_dir)
-    if not candidates and step_files(checkpoint_dir):
-        raise CheckpointError(f"{checkpoint_dir} holds single-file checkpoints (step-NNNNNN.pt) of a 1-process or "
-                              "DDP run, not sharded ones: resume without trainer.parallel=fsdp, or use "
-                              "trainer.resume=never")
-    problems = []
-    for path in candidates:
+
+class Checkpointer:
+    """Saves and restores one run's model, optimizer, schedule, averaged model, RNG and ``TrainState``-like
+    progress under ``directory``: single files written by rank 0 (one process, DDP) or, with ``sharded``
+    (FSDP), DCP directories every rank writes its shards into. It owns when to save: every ``interval``
+    steps, and after ``minutes`` of wall time since the last save."""
+
+    def __init__(self, directory: Path, cfg, model, optimizer, scheduler, averaged=None, *, sharded: bool = False,
+                 is_main: bool = True, keep: int = 3, interval: Optional[int] = None,
+                 minutes: Optional[float] = None, report: Callable[[str], None] = print):
+        self.directory, self.sharded, self.is_main = directory, sharded, is_main
+        self.model, self.optimizer, self.scheduler, self.averaged = model, optimizer, scheduler, averaged
+        self.model_config = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
+        self.keep, self.interval, self.minutes = keep, interval, minutes
+        self.report = report if is_main else (lambda line: None)
+        self.saved_step, self.saved_time = -1, time.time()
+
+    def due(self, step: int) -> bool:
+        return (self.interval is not None and step % self.interval == 0) or (
+            self.minutes is not None and time.time() - self.saved_time > 60 * self.minutes)
+
+    def latest(self, step: int) -> Path:
+        """Where the save of ``step`` is (what a resume reads first)."""
+        return self.directory / (f"step-{step:06d}" if self.sharded else "last.pt")
+
+    def save(self, progress: dict) -> None:
+        """Save at ``progress["step"]`` unless that step is already saved. Sharded: every rank calls this."""
+        if progress["step"] != self.saved_step:
+            if self.sharded:
+                self._save_sharded(progress)
+            elif self.is_main:
+                self._save_file(progress)
+        self.saved_step, self.saved_time = progress["step"], time.time()
+
+    def load(self) -> Optional[tuple[Path, dict]]:
+        """Restore the newest usable checkpoint in place: (its path, the saved progress), or None when there
+        is none. Sharded: every rank calls this."""
+        found = self._load_sharded() if self.sharded else self._load_file()
+        if found is not None:
+            self.saved_step = found[1]["step"]
+        return found
+
+    # single files -------------------------------------------------------------------------------------
+    def _save_file(self, progress: dict) -> Path:
+        """``step-NNNNNN.pt`` (temporary file, fsync, rename) and ``last.pt`` (link renamed into place); step
+        files beyond the newest ``keep`` are removed. Refuses non-finite parameters, so a diverged state
+        never replaces a good checkpoint."""
+        for name, tensor in self.model.state_dict().items():
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                raise CheckpointError(f"refusing to checkpoint step {progress['step']}: parameter {name} is not finite")
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "averaged": self.averaged.state_dict() if self.averaged is not None else None,
+            "progress": dict(progress),
+            "rng": _rng_state(),
+            "model_config": self.model_config,
+        }
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"step-{progress['step']:06d}.pt"
+        _atomic_write(state, path)
+        last, link = self.directory / "last.pt", self.directory / "last.pt.tmp"
+        link.unlink(missing_ok=True)
+        try:
+            os.link(path, link)
+        except OSError:  # file systems without hard links
+            shutil.copyfile(path, link)
+        os.replace(link, last)
+        for old in step_files(self.directory)[max(self.keep, 1):]:
+            old.unlink(missing_ok=True)
+        _sync_dir(self.directory)
+        return path
+
+    def _load_file(self) -> Optional[tuple[Path, dict]]:
+        found = latest_checkpoint(self.directory, report=self.report)
+        if found is None:
+            return None
+        path, state = found
+        self.restore(state, path)
+        return path, state["progress"]
+
+    def restore(self, state: dict, path: Path) -> None:
+        """Restore a single-file checkpoint's ``state`` (from ``read_checkpoint(path)``) in place."""
+        _check_model_config(state["model_config"], path, self.model_config)
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+        except (KeyError, ValueError, RuntimeError) as error:
+            first_line = str(error).strip().splitlines()[0]
+            raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer ({first_line})") from error
+        if self.averaged is not None and state["averaged"] is not None:
+            self.averaged.load_state_dict(state["averaged"])
+        _restore_rng(state["rng"])
+
+    # sharded directories (FSDP, torch.distributed.checkpoint) -------------------------------------------
+    def _save_sharded(self, progress: dict) -> Path:
+        """Writes ``step-NNNNNN/`` (see the module docstring) and removes directories beyond the newest
+        ``keep``. Refuses non-finite parameters on every rank alike."""
+        import torch.distributed.checkpoint as dcp
+
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        state = _sharded_state(self.model, self.optimizer, self.averaged)
+        names = [name for name, tensor in state["model"].items() if tensor.is_floating_point()]
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in (state["model"][name] for name in names)]
+        bad = all_reduce([float(not torch.isfinite(t).all()) for t in local], dist.ReduceOp.MAX)  # each rank its shards
+        if any(bad):
+            raise CheckpointError(f"refusing to checkpoint step {progress['step']}: parameter "
+                                  f"{names[bad.index(1.0)]} is not finite")
+        tensors, rest = _split(state)
+        final = self.directory / f"step-{progress['step']:06d}"
+        tmp = final.with_name(final.name + ".tmp")
+        if rank == 0:
+            for stale in self.directory.glob("step-*.tmp"):  # left by saves that were killed
+                shutil.rmtree(stale)
+            tmp.mkdir(parents=True)
+        dist.barrier()
+        _atomic_write(_rng_state(), tmp / f"rng-{rank}.pt")
+        dcp.save(tensors, checkpoint_id=tmp)  # returns on every rank once all shards and .metadata are written
+        if rank == 0:
+            _atomic_write({"progress": dict(progress), "scheduler": self.scheduler.state_dict(),
+                           "world_size": world_size, "model_config": self.model_config, "non_tensor": rest},
+                          tmp / "state.pt")
+        dist.barrier()
+        if rank == 0:
+            if final.exists():  # a corrupt one of the same step, from before the resume
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in step_dirs(self.directory)[max(self.keep, 1):]:
+                shutil.rmtree(old)
+            _sync_dir(self.directory)
+        dist.barrier()
+        return final
+
+    def _load_sharded(self) -> Optional[tuple[Path, dict]]:
+        """The newest complete ``step-NNNNNN/``, resharded by DCP if the world size changed. The ranks agree
+        on which directory to use; any CheckpointError is raised on every rank."""
+        candidates = step_dirs(self.directory)
+        if not candidates and step_files(self.directory):
+            raise CheckpointError(f"{self.directory} holds single-file checkpoints (step-NNNNNN.pt) of a 1-process "
+                                  "or DDP run, not sharded ones: resume without trainer.parallel=fsdp, or use "
+                                  "trainer.resume=never")
+        problems = []
+        for path in candidates:
+            state = self._agreed_sharded_state(path)
+            if state is None:
+                problems.append(path.name)
+                continue
+            return path, self._restore_sharded(path, state)
+        if problems:
+            raise CheckpointError(f"no readable checkpoint in {self.directory} (tried {', '.join(problems)}); "
+                                  "use trainer.resume=never or another run directory")
+        return None
+
+    def _agreed_sharded_state(self, path: Path) -> Optional[dict]:
+        """This rank's ``read_sharded_state(path)``, or None (reported) when it is unreadable on any rank."""
         problem, unsafe = None, False
         try:
-            state = read_sharded_state(path, rank)
+            state = read_sharded_state(path, dist.get_rank())
         except CheckpointError as error:
             problem, unsafe = error, isinstance(error, UnsafeCheckpointError)
-        worst = _max_over_ranks([float(problem is not None) + float(unsafe)])[0]
+        worst = all_reduce([float(problem is not None) + float(unsafe)], dist.ReduceOp.MAX)[0]
         if worst == 2:  # never skipped in favour of an older one
             raise problem if unsafe else UnsafeCheckpointError(f"refusing checkpoint {path}: unsafe on another rank")
         if worst == 1:
-            report(f"warning: skipping {problem or f'checkpoint {path}: unreadable on another rank'}")
-            problems.append(path.name)
-            continue
-        _check_model_config(state["model_config"], path, cfg)
-        live = _sharded_state(model, optimizer, averaged if "averaged" in state["non_tensor"] else None)
+            self.report(f"warning: skipping {problem or f'checkpoint {path}: unreadable on another rank'}")
+            return None
+        return state
+
+    def _restore_sharded(self, path: Path, state: dict) -> dict:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+        _check_model_config(state["model_config"], path, self.model_config)
+        averaged = self.averaged if "averaged" in state["non_tensor"] else None
+        live = _sharded_state(self.model, self.optimizer, averaged)
         tensors, _ = _split(live)
         try:
             dcp.load(tensors, storage_reader=_safe_reader(path))
@@ -397,16 +441,13 @@ def load_sharded_checkpoint(checkpoint_dir: Path, cfg, model, optimizer, schedul
             raise CheckpointError(f"checkpoint {path} does not fit this model/optimizer or is corrupt "
                                   f"({type(error).__name__}: {lines[-1] if lines else ''})") from error
         loaded = _merge(tensors, state["non_tensor"])
-        set_state_dict(model, optimizer, model_state_dict=loaded["model"], optim_state_dict=loaded["optimizer"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optimizer"])
         if "averaged" in live:
             set_model_state_dict(averaged, loaded["averaged"])
-        scheduler.load_state_dict(state["scheduler"])
+        self.scheduler.load_state_dict(state["scheduler"])
         if state["rng"] is not None:
             _restore_rng(state["rng"])
         progress = state["progress"]
-        progress["batch_index"] = progress["batch_index"] * state["world_size"] // world_size
-        return path, progress
-    if problems:
-        raise CheckpointError(f"no readable checkpoint in {checkpoint_dir} (tried {', '.join(problems)}); "
-                              "use trainer.resume=never or another run directory")
-    return None
+        progress["batch_index"] = progress["batch_index"] * state["world_size"] // dist.get_world_size()
+        return progress

@@ -1,0 +1,108 @@
+"""Fixtures shared by the training repository's tests: composed configs, one data cache per session,
+the real command line (`train.py`, under torchrun too) and a run's metrics. The library's own tests
+are in tests/sm3/."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
+
+from trainer import config
+
+ROOT = Path(__file__).resolve().parents[1]
+# The tiny translation run most command-line tests start from: a few seconds a step on 2 cores.
+TINY = ["model=transformer_tiny", "logger=none", "trainer.progress=false", "data.num_train=300",
+        "data.num_valid=8", "data.num_test=8", "data.max_tokens=1024", "trainer.log_interval=1",
+        "trainer.eval_max_len=12", "schedule.warmup_steps=2"]
+TINY_LM = ["model=transformer_lm_tiny", "data=builtin_lm", "logger=none", "trainer.progress=false",
+           "data.num_train=200", "data.num_valid=10", "data.num_test=10", "data.seq_len=32", "data.max_tokens=256",
+           "trainer.eval_interval=3", "trainer.log_interval=1", "schedule.warmup_steps=2"]
+
+config.register()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> str:
+    """One data cache (corpus, tokenizer, LM streams) for the whole session."""
+    return str(tmp_path_factory.mktemp("data-cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny(cache_dir) -> list[str]:
+    """Overrides of a tiny translation run on a slice of the built-in data (seconds a step on 2 cores)."""
+    return [*TINY, f"data.cache_dir={cache_dir}"]
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(cache_dir) -> list[str]:
+    """The same for language modelling."""
+    return [*TINY_LM, f"data.cache_dir={cache_dir}"]
+
+
+@pytest.fixture(scope="session")
+def compose():
+    """``compose(overrides, hydra_config=False)``: conf/config.yaml with overrides, as train.py sees it."""
+    def compose(overrides=(), hydra_config: bool = False):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+    return compose
+
+
+class TrainCLI:
+    """``train.py`` as a user runs it, in a subprocess."""
+
+    @staticmethod
+    def torchrun(processes: int) -> list[str]:
+        """A launcher: torchrun on this machine with ``processes`` ranks (gloo on CPU)."""
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+
+    @staticmethod
+    def command(args, launcher=None) -> list[str]:
+        flags = [a for a in args if a.startswith("-")]  # e.g. -m, which must precede the overrides
+        overrides = [a for a in args if not a.startswith("-")]
+        return [*(launcher or [sys.executable]), str(ROOT / "train.py"), *flags, *overrides]
+
+    def __call__(self, args, cwd, *, launcher=None, env=None, check=True, timeout=300):
+        result = subprocess.run(self.command(args, launcher), cwd=cwd, capture_output=True, text=True,
+                                timeout=timeout, env=env)
+        if check:
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+        return result
+
+
+@pytest.fixture(scope="session")
+def train_cli() -> TrainCLI:
+    return TrainCLI()
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def metrics():
+    """``metrics(run_dir)``: every record of metrics.jsonl; ``metrics(run_dir, "loss")``: one key's values."""
+    def metrics(run_dir, key=None):
+        records = read_records(run_dir)
+        return records if key is None else [r[key] for r in records if key in r]
+
+    return metrics
+
+
+@pytest.fixture(scope="session")
+def one_line_error():
+    """``one_line_error(result, code=2)``: the run failed with exit ``code`` and exactly one ``error:`` line."""
+    def one_line_error(result, code=2):
+        assert result.returncode == code, result.stdout + result.stderr
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr
+        return errors[0]
+
+    return one_line_error
