@@ -48,13 +48,17 @@ def test_sm3_momentum_dtype_from_config(compose):
 
 def test_schedule_shapes(compose):
     total, warmup = 1000, 50
-    assert quadratic_warmup(0, warmup, total) == 0
-    assert quadratic_warmup(25, warmup, total) == pytest.approx(0.25)
-    assert quadratic_warmup(50, warmup, total) == 1 == quadratic_warmup(800, warmup, total)
+    # the argument is LambdaLR's count of steps taken: step t = argument + 1
+    assert quadratic_warmup(0, warmup, total) == pytest.approx((1 / 50) ** 2)  # the first step learns
+    assert quadratic_warmup(24, warmup, total) == pytest.approx(0.25)
+    assert quadratic_warmup(49, warmup, total) == 1 == quadratic_warmup(800, warmup, total)
+    assert quadratic_warmup(48, warmup, total) < 1
     assert quadratic_warmup(950, warmup, total, cooldown_steps=100) == pytest.approx(0.5)
-    assert quadratic_warmup(1000, warmup, total, cooldown_steps=100) == 0
-    assert inverse_sqrt(25, warmup) == pytest.approx(0.5)
-    assert inverse_sqrt(200, warmup) == pytest.approx(0.5)
+    assert quadratic_warmup(999, warmup, total, cooldown_steps=100) == pytest.approx(0.01)  # the last step
+    assert inverse_sqrt(0, warmup) == pytest.approx(1 / 50)
+    assert inverse_sqrt(24, warmup) == pytest.approx(0.5)
+    assert inverse_sqrt(49, warmup) == 1
+    assert inverse_sqrt(199, warmup) == pytest.approx(0.5)
     cfg = compose(["schedule=quadratic_warmup_cooldown", "trainer.max_steps=100"])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     scheduler = build_scheduler(cfg.schedule, opt, 100)
@@ -63,7 +67,9 @@ def test_schedule_shapes(compose):
         lrs.append(opt.param_groups[0]["lr"])
         opt.step()
         scheduler.step()
-    assert lrs[0] == 0 and lrs[5] == 2.0 and lrs[50] == 2.0 and lrs[95] == pytest.approx(1.0)
+    # warm-up over 5 steps: 2 * (1/5)^2 at the first, the full lr from the fifth; cool-down over the last 10
+    assert lrs[0] == pytest.approx(2.0 / 25) and lrs[3] < 2.0 and lrs[4] == 2.0 == lrs[50]
+    assert lrs[95] == pytest.approx(1.0) and lrs[-1] > 0
 
 
 def test_bleu_of_known_pair():

@@ -1,4 +1,10 @@
-"""Learning-rate schedules as multipliers of the base lr, applied through LambdaLR."""
+"""Learning-rate schedules as multipliers of the base lr, applied through LambdaLR.
+
+LambdaLR calls a schedule with the number of steps already taken (0 for the first step). The
+schedules here count the step being taken (``step + 1``), so the first step already learns: with
+a factor of 0 it would only add squared gradients to SM3's (or Adagrad's) accumulators, which then
+shrink every later step, for no update at all.
+"""
 
 from __future__ import annotations
 
@@ -11,19 +17,21 @@ SCHEDULES = ("quadratic_warmup", "inverse_sqrt", "constant")
 
 
 def quadratic_warmup(step: int, warmup: int, total: int, cooldown_steps: int = 0) -> float:
-    """The SM3 authors' advice: min(1, (step / warmup) ** 2), then constant, then an optional
-    linear cool-down to 0 over the last ``cooldown_steps``."""
-    factor = min(1.0, (step / warmup) ** 2) if warmup > 0 else 1.0
+    """The SM3 authors' advice: min(1, (t / warmup) ** 2) for step t = step + 1 (1 from step t = warmup on),
+    then constant, then an optional linear cool-down towards 0 over the last ``cooldown_steps``."""
+    factor = min(1.0, ((step + 1) / warmup) ** 2) if warmup > 0 else 1.0
     if cooldown_steps > 0:
         factor *= min(1.0, max(0.0, (total - step) / cooldown_steps))
     return factor
 
 
 def inverse_sqrt(step: int, warmup: int) -> float:
-    """Vaswani et al.: linear warm-up to 1 at ``warmup``, then sqrt(warmup / step)."""
-    if warmup > 0 and step < warmup:
-        return step / warmup
-    return math.sqrt(max(warmup, 1) / max(step, 1))
+    """Vaswani et al.: linear warm-up t / warmup for step t = step + 1, reaching 1 at t = warmup, then
+    sqrt(warmup / t)."""
+    t = step + 1
+    if warmup > 0 and t < warmup:
+        return t / warmup
+    return math.sqrt(max(warmup, 1) / t)
 
 
 def build_scheduler(cfg, optimizer, max_steps: int) -> LambdaLR:
