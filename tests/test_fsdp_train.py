@@ -72,6 +72,7 @@ def test_fsdp_resume_is_exact_and_reshards_to_another_world_size(runs, metrics):
     straight = metrics(runs["straight"], "loss")
     summary = {name: json.loads((runs[name] / "summary.json").read_text()) for name in ("straight", "resharded")}
     assert "Resuming from" in runs["resumed_stdout"] and "step-000002 at step 2" in runs["resumed_stdout"]
+    assert runs["resumed_stdout"].count("Resuming from") == 1  # rank 0 alone says so
     assert metrics(runs["resumed"], "loss") == straight  # same world size: bit for bit
     assert "step-000002 at step 2" in runs["resharded_stdout"] and "1 process(es)" in runs["resharded_stdout"]
     assert metrics(runs["resharded"], "loss") == pytest.approx(straight, rel=1e-5)  # 2 ranks -> 1, the same batches

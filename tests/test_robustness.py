@@ -212,3 +212,20 @@ def test_nan_steps_skipped_and_a_failing_multirun_job_does_not_stop_the_sweep(tm
     records = metrics(done)
     assert [r["step"] for r in records if "loss" in r] == [1, 4]
     assert [r["skipped_steps"] for r in records if "loss" not in r and "valid_loss" not in r] == [1, 2]
+
+
+def test_resume_survives_a_torn_or_missing_metrics_log(tmp_path, run_train, metrics):
+    """A log is never a reason not to resume: a torn last line (a crash or a full disk mid-write) is dropped,
+    and a missing metrics.jsonl starts afresh."""
+    run_dir = tmp_path / "run"
+    args = ["trainer.checkpoint_interval=1", f"hydra.run.dir={run_dir}"]
+    assert run_train([*args, "trainer.max_steps=2"]).returncode == 0
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')
+    resumed = run_train([*args, "trainer.max_steps=3"])
+    assert resumed.returncode == 0 and "at step 2" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [1, 2, 3]
+    (run_dir / "metrics.jsonl").unlink()
+    resumed = run_train([*args, "trainer.max_steps=4"])
+    assert resumed.returncode == 0 and "at step 3" in resumed.stdout, resumed.stdout + resumed.stderr
+    assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [4]
