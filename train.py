@@ -22,6 +22,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import resource
 import sys
 import time
@@ -43,12 +44,13 @@ from trainer import config
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.distributed import all_reduce, init_distributed, pick_device, shard_model, slurm_to_torchrun_environment
 from trainer.errors import ConfigError, Preempted, TrainingDiverged
+from trainer.files import RunDirLock, StorageError, storage_error
 from trainer.optim import build_optimizer
 from trainer.preemption import Preemption
 from trainer.runlog import RunLog
 from trainer.schedule import build_scheduler
 from trainer.state import TrainState
-from trainer.tasks import Task, build_task
+from trainer.tasks import Task, build_task, task_type
 
 config.register()
 FAILED_JOBS: list[str] = []  # multirun jobs that raised, reported by cli() after the sweep
@@ -311,10 +313,7 @@ def finish(run: Run, train_seconds: float, started: float) -> float:
         **({"examples": examples} if examples else {}),  # a decoded sentence per split (translation)
     }
     path = run.log.write_summary(summary)
-    metric, label = task.metric, task.metric_label
-    print(f"test {label} {summary[f'test_{metric}']:.2f} (averaged "
-          f"{summary.get(f'test_{metric}_averaged', float('nan')):.2f}), valid {label} "
-          f"{summary[f'valid_{metric}']:.2f}; summary in {path}")
+    print(f"{task.report(summary)}; summary in {path}")
     return task.selection_value(summary)
 
 
@@ -334,49 +333,92 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
             dist.destroy_process_group()
 
 
+def finished(cfg, run_dir: Path) -> float | None:
+    """A run that already reached trainer.max_steps (its summary.json says so) is not redone: its result is
+    printed and returned, and nothing is written (trainer.resume=never trains it again)."""
+    path = run_dir / "summary.json"
+    if cfg.trainer.resume != config.Resume.auto or not path.exists():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+        if summary["step"] < cfg.trainer.max_steps:  # stopped by trainer.max_minutes: go on
+            return None
+        task = task_type(cfg)
+        print(f"Already finished: {task.report(summary)}; summary in {path} (trainer.resume=never to redo it)")
+        return task.selection_value(summary)
+    except (ValueError, KeyError, TypeError):  # unreadable or from another kind of run: train
+        return None
+
+
+def record_failure(run_dir: Path, error: BaseException) -> float:
+    """A multirun job that failed: marked with failed.json, reported after the sweep, which goes on."""
+    message = f"{type(error).__name__}: {error}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "failed.json").write_text(json.dumps({"error": message}) + "\n")
+    print(f"error: job {run_dir.name} failed ({message}); continuing with the other jobs", file=sys.stderr)
+    FAILED_JOBS.append(run_dir.name)
+    return float("nan")
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> float:
-    """One job. In a multirun a failing job is recorded (`failed.json` in its directory) and the sweep goes on."""
+    """One job. Bad input ends it with one `error:` line (exit 2; 1 if training diverged); in a multirun a failing
+    job is recorded instead and the sweep goes on, but a signal stops the whole sweep (after a checkpoint)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    (run_dir / "failed.json").unlink(missing_ok=True)
-    if HydraConfig.get().mode.name != "MULTIRUN":
-        return train(cfg, run_dir)
+    multirun = HydraConfig.get().mode.name == "MULTIRUN"
+    lock = RunDirLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
     try:
-        return train(cfg, run_dir)
+        with lock:
+            config.validate(cfg)
+            (run_dir / "failed.json").unlink(missing_ok=True)
+            result = finished(cfg, run_dir)
+            return result if result is not None else train(cfg, run_dir)
+    except Preempted as stop:  # raised from inside Hydra's job runner, so no later job starts
+        print(stop, file=sys.stderr)
+        sys.exit(stop.exit_code)
+    except (DataError, CheckpointError, ConfigError, StorageError, TrainingDiverged) as error:
+        if multirun:
+            return record_failure(run_dir, error)
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(1 if isinstance(error, TrainingDiverged) else 2)
     except Exception as error:
-        if isinstance(error, Preempted):
-            raise  # the whole sweep is being stopped
-        message = f"{type(error).__name__}: {error}"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "failed.json").write_text(json.dumps({"error": message}) + "\n")
-        print(f"error: job {run_dir.name} failed ({message}); continuing with the other jobs", file=sys.stderr)
-        FAILED_JOBS.append(run_dir.name)
-        return float("nan")
+        if multirun:
+            return record_failure(run_dir, error)
+        raise
+
+
+def _config_error_line(error: BaseException) -> str:
+    messages, cause = [], error
+    while cause is not None:  # Hydra wraps the OmegaConf error that names the key
+        messages.append(" ".join(str(cause).split("Config search path")[0].split()))
+        cause = cause.__cause__
+    line = " | ".join(dict.fromkeys(m for m in messages if m))
+    return re.sub(r"\s*\b\w+_schema\b", "", line)  # the typed schemas are not options to choose
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    while error is not None and not isinstance(error, OSError):
+        error = error.__cause__ or error.__context__
+    return error
 
 
 def cli() -> None:
-    """Run `main`, turning a bad config (misspelt key, wrong type, unknown option) into one line and exit code 2."""
+    """Run `main`, turning a bad config (misspelt key, wrong type, unknown option) or an unwritable run directory
+    into one `error:` line and exit code 2."""
     from hydra.errors import ConfigCompositionException, MissingConfigException
     from omegaconf.errors import OmegaConfBaseException
 
     os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # let config errors reach us instead of Hydra's own report
     try:
         main()
-    except Preempted as stop:
-        print(stop, file=sys.stderr)
-        sys.exit(stop.exit_code)
-    except (DataError, CheckpointError, ConfigError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(1)
     except (ConfigCompositionException, MissingConfigException, OmegaConfBaseException) as error:
-        messages, cause = [], error
-        while cause is not None:  # Hydra wraps the OmegaConf error that names the key
-            messages.append(" ".join(str(cause).split("Config search path")[0].split()))
-            cause = cause.__cause__
-        print("config error: " + " | ".join(dict.fromkeys(m for m in messages if m)), file=sys.stderr)
+        print(f"error: {_config_error_line(error)}", file=sys.stderr)
+        sys.exit(2)
+    except Exception as error:  # Hydra creating the run directory or its log file
+        os_error = _os_error(error)
+        if os_error is None:
+            raise
+        print(f"error: {storage_error(Path(os_error.filename or '.'), os_error)}", file=sys.stderr)
         sys.exit(2)
     if FAILED_JOBS:
         print(f"error: {len(FAILED_JOBS)} multirun job(s) failed (see failed.json in each): {', '.join(FAILED_JOBS)}",

@@ -115,3 +115,35 @@ def test_cpu_experiments_run_through_the_cli(tmp_path, cache_dir, train_cli):
         assert f"| {experiment} |" in table
     assert table.count("| ok |") == len(CPU + CPU_LM)
     assert table.count(" ppl |") == 2 * len(CPU_LM)  # LM rows name their metric in the BLEU table
+
+
+def _lr_trajectory(cfg, steps=200) -> list[float]:
+    import torch
+
+    from trainer.optim import build_optimizer
+    from trainer.schedule import build_scheduler
+
+    optimizer = build_optimizer(cfg.optim, [torch.nn.Parameter(torch.zeros(2, 2))])
+    scheduler = build_scheduler(cfg.schedule, optimizer, cfg.trainer.max_steps)
+    lrs = []
+    for _ in range(steps):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        scheduler.step()
+    return lrs
+
+
+def test_every_searched_dimension_takes_effect(compose):
+    """Each dimension the Optuna search proposes changes the run: two trials at the ends of a dimension's range get
+    different learning-rate schedules on top of the experiment the README pairs it with. (Composed without the
+    plugin: the search file's own settings are applied as overrides.)"""
+    import re
+
+    search = yaml.safe_load((ROOT / "conf" / "hparams_search" / "sm3_lr.yaml").read_text())
+    fixed = [f"{group}.{key}={'null' if value is None else value}" for group in ("optim", "schedule")
+             for key, value in (search.get(group) or {}).items()]
+    params = search["hydra"]["sweeper"]["params"]
+    assert set(params) == {"optim.lr", "schedule.warmup_fraction"}
+    for key, space in params.items():
+        low, high = (float(x) for x in re.findall(r"[-+]?\d*\.?\d+(?:e[-+]?\d+)?", space)[-2:])
+        trials = [compose(["experiment=cpu_builtin_sm3", *fixed, f"{key}={value}"]) for value in (low, high)]
+        assert _lr_trajectory(trials[0]) != _lr_trajectory(trials[1]), key

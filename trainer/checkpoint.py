@@ -37,6 +37,7 @@ import torch.distributed as dist
 from omegaconf import OmegaConf
 
 from trainer.distributed import all_reduce
+from trainer.files import atomic_write, storage_error
 
 STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 STEP_DIR = re.compile(r"^step-(\d+)$")  # FSDP: one DCP directory per save
@@ -51,12 +52,7 @@ class UnsafeCheckpointError(CheckpointError):
 
 
 def _atomic_write(state: dict, path: Path) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(state, f))
 
 
 def _sync_dir(directory: Path) -> None:
@@ -117,6 +113,22 @@ def latest_checkpoint(checkpoint_dir: Path, report=print) -> tuple[Path, dict] |
         raise CheckpointError(f"{checkpoint_dir} holds only sharded checkpoints (step-NNNNNN/ directories) of an "
                               "FSDP run: resume with trainer.parallel=fsdp under torchrun, or use trainer.resume=never")
     return None
+
+
+def _check_optim_config(saved: dict | None, path: Path, current: dict, saved_groups: list, groups: list) -> None:
+    """Resuming restores the checkpoint's optimizer state and hyperparameters: another optimizer (or other
+    values, which would be silently replaced by the saved ones) is refused. ``fused`` only picks a kernel."""
+    if saved is None:  # written before the optimizer config was saved: compare the param-group fields
+        if saved_groups and groups and set(saved_groups[0]) != set(groups[0]):
+            raise CheckpointError(f"checkpoint {path} was written by another optimizer (its parameter groups hold "
+                                  f"{', '.join(sorted(set(saved_groups[0]) - {'params'}))}); "
+                                  "use trainer.resume=never or another run directory")
+        return
+    mismatched = sorted(k for k in saved.keys() | current.keys() if k != "fused" and saved.get(k) != current.get(k))
+    if mismatched:
+        details = ", ".join(f"optim.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in mismatched)
+        raise CheckpointError(f"checkpoint {path} was written with another optimizer setting ({details}); "
+                              "use the checkpoint's values, trainer.resume=never or another run directory")
 
 
 def _check_model_config(saved: dict, path: Path, current: dict) -> None:
@@ -269,6 +281,7 @@ class Checkpointer:
         self.directory, self.sharded, self.is_main = directory, sharded, is_main
         self.model, self.optimizer, self.scheduler, self.averaged = model, optimizer, scheduler, averaged
         self.model_config = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
+        self.optim_config = OmegaConf.to_container(cfg.optim, resolve=True, enum_to_str=True) if "optim" in cfg else {}
         self.keep, self.interval, self.minutes = keep, interval, minutes
         self.report = report if is_main else (lambda line: None)
         self.saved_step, self.saved_time = -1, time.time()
@@ -314,17 +327,27 @@ class Checkpointer:
             "progress": dict(progress),
             "rng": _rng_state(),
             "model_config": self.model_config,
+            "optim_config": self.optim_config,
         }
-        self.directory.mkdir(parents=True, exist_ok=True)
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise storage_error(self.directory, error) from error
+        for stale in self.directory.glob("step-*.pt.tmp"):  # left by a save that was killed
+            stale.unlink(missing_ok=True)
         path = self.directory / f"step-{progress['step']:06d}.pt"
         _atomic_write(state, path)
         last, link = self.directory / "last.pt", self.directory / "last.pt.tmp"
         link.unlink(missing_ok=True)
         try:
-            os.link(path, link)
-        except OSError:  # file systems without hard links
-            shutil.copyfile(path, link)
-        os.replace(link, last)
+            try:
+                os.link(path, link)
+            except OSError:  # file systems without hard links
+                shutil.copyfile(path, link)
+            os.replace(link, last)
+        except OSError as error:  # the step file is complete: a resume finds it without last.pt
+            link.unlink(missing_ok=True)
+            raise storage_error(last, error) from error
         for old in step_files(self.directory)[max(self.keep, 1):]:
             old.unlink(missing_ok=True)
         _sync_dir(self.directory)
@@ -341,6 +364,8 @@ class Checkpointer:
     def restore(self, state: dict, path: Path) -> None:
         """Restore a single-file checkpoint's ``state`` (from ``read_checkpoint(path)``) in place."""
         _check_model_config(state["model_config"], path, self.model_config)
+        _check_optim_config(state.get("optim_config"), path, self.optim_config,
+                            state["optimizer"]["param_groups"], self.optimizer.state_dict()["param_groups"])
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -378,7 +403,8 @@ class Checkpointer:
         dcp.save(tensors, checkpoint_id=tmp)  # returns on every rank once all shards and .metadata are written
         if rank == 0:
             _atomic_write({"progress": dict(progress), "scheduler": self.scheduler.state_dict(),
-                           "world_size": world_size, "model_config": self.model_config, "non_tensor": rest},
+                           "world_size": world_size, "model_config": self.model_config,
+                           "optim_config": self.optim_config, "non_tensor": rest},
                           tmp / "state.pt")
         dist.barrier()
         if rank == 0:
@@ -431,6 +457,7 @@ class Checkpointer:
         from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
         _check_model_config(state["model_config"], path, self.model_config)
+        _check_optim_config(state.get("optim_config"), path, self.optim_config, [], [])
         averaged = self.averaged if "averaged" in state["non_tensor"] else None
         live = _sharded_state(self.model, self.optimizer, averaged)
         tensors, _ = _split(live)

@@ -159,3 +159,75 @@ def register() -> None:
                         ("data", DataConfig), ("logger", LoggerConfig), ("trainer", TrainerConfig)]:
         cs.store(group=group, name=f"{group}_schema", node=node)
     cs.store(group="data", name="lm_data_schema", node=LMDataConfig)
+
+
+# --- checks at start, beyond types: unknown keys (also those added with `+`) and value ranges ---------
+
+def _at_least(low):
+    return (lambda v: v >= low), f">= {low}"
+
+
+def _in(low, high, closed=False):
+    return ((lambda v: low <= v <= high) if closed else (lambda v: low <= v < high)), \
+        f"in [{low}, {high}{']' if closed else ')'}"
+
+
+def _positive():
+    return (lambda v: v > 0), "> 0"
+
+
+# key: (check, the valid range in words). A None value (where the schema allows it) is not checked.
+RANGES = {
+    "trainer.max_steps": _at_least(1), "trainer.grad_accum": _at_least(1), "trainer.log_interval": _at_least(1),
+    "trainer.eval_interval": _at_least(1), "trainer.checkpoint_interval": _at_least(1),
+    "trainer.keep_checkpoints": _at_least(1), "trainer.max_bad_steps": _at_least(1),
+    "trainer.max_minutes": _positive(), "trainer.checkpoint_minutes": _at_least(0), "trainer.clip_norm": _positive(),
+    "trainer.polyak_decay": _in(0, 1), "trainer.beam_size": _at_least(1), "trainer.eval_max_len": _at_least(1),
+    "trainer.length_penalty": _at_least(0), "trainer.requeue_exit_code": _in(0, 255, closed=True),
+    "optim.lr": _at_least(0), "optim.momentum": _in(0, 1), "optim.beta": _in(0, 1), "optim.eps": _at_least(0),
+    "optim.weight_decay": _at_least(0), "optim.betas": ((lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
+                                                          "two values in [0, 1)"),
+    "schedule.warmup_steps": _at_least(0), "schedule.warmup_fraction": _in(0, 1, closed=True),
+    "schedule.cooldown_fraction": _in(0, 1, closed=True),
+    "model.d_model": _at_least(1), "model.d_ff": _at_least(1), "model.heads": _at_least(1),
+    "model.encoder_layers": _at_least(1), "model.decoder_layers": _at_least(1), "model.dropout": _in(0, 1),
+    "model.label_smoothing": _in(0, 1), "model.max_positions": _at_least(1),
+    "data.vocab_size": _at_least(8), "data.max_tokens": _at_least(1), "data.max_len": _at_least(2),
+    "data.seq_len": _at_least(1), "data.num_train": _at_least(1), "data.num_valid": _at_least(1),
+    "data.num_test": _at_least(1), "data.max_valid": _at_least(1),
+}
+
+
+def _unknown_keys(cfg) -> list[str]:
+    """Keys the schemas do not have: `+optim.lrr=0.1` is accepted by Hydra and would be ignored."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    problems = []
+    for prefix, node in [("", cfg)] + [(f"{g}.", cfg[g]) for g in ("model", "optim", "schedule", "data", "logger",
+                                                                   "trainer") if g in cfg]:
+        schema = OmegaConf.get_type(node)
+        if not dataclasses.is_dataclass(schema) or not isinstance(node, DictConfig):
+            continue
+        valid = [f.name for f in dataclasses.fields(schema)]
+        problems += [f"unknown key {prefix}{key}; valid keys of {prefix.rstrip('.') or 'the config'}: "
+                     f"{', '.join(valid)}" for key in node if key not in valid]
+    return problems
+
+
+def validate(cfg) -> None:
+    """Raise ConfigError (one line: the key, the value, the valid range) for what the types let through."""
+    from omegaconf import OmegaConf
+
+    from trainer.errors import ConfigError
+
+    problems = _unknown_keys(cfg)
+    for key, (ok, valid) in RANGES.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not ok(value):
+            problems.append(f"{key}={value} is out of range (valid: {valid})")
+    if cfg.model.d_model % cfg.model.heads:
+        problems.append(f"model.d_model={cfg.model.d_model} must be divisible by model.heads={cfg.model.heads}")
+    if problems:
+        raise ConfigError("; ".join(problems))

@@ -14,6 +14,7 @@ from typing import Optional
 
 from omegaconf import OmegaConf
 
+from trainer.files import append_line, write_text
 from trainer.state import TrainState
 
 
@@ -44,8 +45,8 @@ class RunLog:
         if not self.is_main:
             return
         kept = [r for r in read_metrics(self.metrics_path) if r["step"] <= state.step] if state.step else []
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        OmegaConf.save(self.cfg, self.run_dir / "config.yaml", resolve=True)
+        write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        write_text(self.run_dir / "config.yaml", OmegaConf.to_yaml(self.cfg, resolve=True))
         self.wandb = self._init_wandb(state.wandb_id)
         if self.wandb is not None:
             state.wandb_id = self.wandb.id
@@ -53,14 +54,13 @@ class RunLog:
     def log(self, record: dict) -> None:
         if not self.is_main:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_line(self.metrics_path, json.dumps(record))
         if self.wandb is not None:
             self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
 
     def write_summary(self, summary: dict) -> Path:
         path = self.run_dir / "summary.json"
-        path.write_text(json.dumps(summary, indent=2) + "\n")
+        write_text(path, json.dumps(summary, indent=2) + "\n")
         if self.wandb is not None:
             self.wandb.summary.update({k: v for k, v in summary.items() if k != "examples"})
         return path

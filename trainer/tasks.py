@@ -58,10 +58,18 @@ class Task:
         loss = nll_sum / max(tokens, 1)
         return {"loss": loss, "ppl": math.exp(min(loss, 50)), **self._score(outputs, split)}
 
-    def selection_value(self, summary: dict) -> float:
+    @classmethod
+    def selection_value(cls, summary: dict) -> float:
         """For sweepers, higher is better: the validation metric (of the averaged model where there is one)."""
-        best = summary.get(f"valid_{self.metric}_averaged", summary[f"valid_{self.metric}"])
-        return best if self.higher_is_better else -best
+        best = summary.get(f"valid_{cls.metric}_averaged", summary[f"valid_{cls.metric}"])
+        return best if cls.higher_is_better else -best
+
+    @classmethod
+    def report(cls, summary: dict) -> str:
+        """The line a finished run ends with."""
+        return (f"test {cls.metric_label} {summary[f'test_{cls.metric}']:.2f} (averaged "
+                f"{summary.get(f'test_{cls.metric}_averaged', float('nan')):.2f}), valid {cls.metric_label} "
+                f"{summary[f'valid_{cls.metric}']:.2f}")
 
     # kind-specific ---------------------------------------------------------------------------
     def _load(self, data_cfg, seed):
@@ -127,12 +135,16 @@ class LanguageModelTask(Task):
         return list(model.blocks)
 
 
-def build_task(cfg, seed: int) -> Task:
-    """The task of ``cfg.model.name``, checking that ``cfg.data`` is data of that kind."""
+def task_type(cfg) -> type[Task]:
+    """The task class of ``cfg.model.name``, checking that ``cfg.data`` is data of that kind."""
     is_lm = cfg.model.name == ModelName.transformer_lm
     if is_lm != ("seq_len" in cfg.data):
         raise DataError(
             f"model.name={cfg.model.name.value} needs " + ("a language-modelling data option (data=builtin_lm, "
             "wikitext103, lm1b or local_lm)" if is_lm else "a translation data option (data=builtin, "
             "wmt14_en_fr, wmt14_en_de or local)") + f", got data.name={cfg.data.name}")
-    return (LanguageModelTask if is_lm else TranslationTask)(cfg, seed)
+    return LanguageModelTask if is_lm else TranslationTask
+
+
+def build_task(cfg, seed: int) -> Task:
+    return task_type(cfg)(cfg, seed)

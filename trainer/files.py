@@ -1,0 +1,94 @@
+"""Writing a run's files so that a fault (a full disk, a read-only mount, a crash) loses nothing.
+
+Whole files are written to a temporary name, fsynced and renamed into place, and the temporary file
+is removed when the write fails; an appended line is taken back when it cannot be written whole. A
+failed write raises ``StorageError``, one line naming the file and what to do, and the last good
+copy stays. ``RunDirLock`` keeps a second process off a run directory in use.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+from pathlib import Path
+from typing import Callable, IO
+
+from trainer.errors import ConfigError
+
+
+class StorageError(RuntimeError):
+    """A file of the run could not be written (disk full, read-only, no permission). Exit 2."""
+
+
+def storage_error(path: Path, error: OSError) -> StorageError:
+    if error.errno == errno.ENOSPC or error.errno == errno.EDQUOT:
+        advice = "free space there (or point hydra.run.dir elsewhere) and re-run the same command to resume"
+    else:
+        advice = "make it writable or choose another hydra.run.dir, then re-run the same command"
+    return StorageError(f"cannot write {path}: {error.strerror or error}; {advice}")
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
+    """``write(file)`` into ``path.tmp``, fsync, rename over ``path``; on failure ``path`` is untouched."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as error:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(path, error) from error
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` and a newline, or nothing at all: a part written before a failure is cut off."""
+    with open(path, "ab") as f:
+        size = f.tell()
+        try:
+            f.write((line + "\n").encode())
+            f.flush()
+        except OSError as error:
+            f.truncate(size)
+            raise storage_error(path, error) from error
+
+
+class RunDirLock:
+    """An advisory lock (``flock``) on ``<run dir>/.lock`` for as long as the run lives. The kernel drops
+    it when the process ends, however it ends, so a killed run never blocks the next one."""
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self._fd = None
+
+    def __enter__(self) -> "RunDirLock":
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise storage_error(self.path, error) from error
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise ConfigError(f"run directory {self.path.parent} is in use by process {holder} (the same command "
+                              "running elsewhere?); wait for it or stop it, or choose another hydra.run.dir") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
