@@ -44,7 +44,7 @@ from trainer import config
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.distributed import all_reduce, init_distributed, pick_device, shard_model, slurm_to_torchrun_environment
 from trainer.errors import ConfigError, Preempted, TrainingDiverged
-from trainer.files import RunDirLock, StorageError, storage_error
+from trainer.files import RunDirLock, StorageError, os_error_in, storage_error
 from trainer.optim import build_optimizer
 from trainer.preemption import Preemption
 from trainer.runlog import RunLog
@@ -396,12 +396,6 @@ def _config_error_line(error: BaseException) -> str:
     return re.sub(r"\s*\b\w+_schema\b", "", line)  # the typed schemas are not options to choose
 
 
-def _os_error(error: BaseException) -> OSError | None:
-    while error is not None and not isinstance(error, OSError):
-        error = error.__cause__ or error.__context__
-    return error
-
-
 def cli() -> None:
     """Run `main`, turning a bad config (misspelt key, wrong type, unknown option) or an unwritable run directory
     into one `error:` line and exit code 2."""
@@ -415,7 +409,7 @@ def cli() -> None:
         print(f"error: {_config_error_line(error)}", file=sys.stderr)
         sys.exit(2)
     except Exception as error:  # Hydra creating the run directory or its log file
-        os_error = _os_error(error)
+        os_error = os_error_in(error)
         if os_error is None:
             raise
         print(f"error: {storage_error(Path(os_error.filename or '.'), os_error)}", file=sys.stderr)

@@ -29,6 +29,15 @@ def storage_error(path: Path, error: OSError) -> StorageError:
     return StorageError(f"cannot write {path}: {error.strerror or error}; {advice}")
 
 
+def os_error_in(error: BaseException | None) -> OSError | None:
+    """The OSError behind ``error``, if any: torch.save, say, reports a failed write as a RuntimeError."""
+    seen = set()
+    while error is not None and id(error) not in seen and not isinstance(error, OSError):
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return error
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
     """``write(file)`` into ``path.tmp``, fsync, rename over ``path``; on failure ``path`` is untouched."""
     tmp = path.with_name(path.name + ".tmp")
@@ -38,11 +47,11 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as error:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
-        raise storage_error(path, error) from error
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        os_error = os_error_in(error)
+        if os_error is not None:
+            raise storage_error(path, os_error) from error
         raise
 
 
