@@ -29,7 +29,6 @@ Corpora (`LMDataConfig.name`):
 from __future__ import annotations
 
 import collections.abc
-import dataclasses
 import hashlib
 import logging
 import os
@@ -41,11 +40,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .batching import shard
+from .config import as_config, resolve_path
 from .corpus import (_CARVE_SEED, SPLITS, DataError, _column, _quiet_datasets,
                      load_jsonl_splits, normalize_text)
 from .synthetic import write_builtin_jsonl
 from .tokenizer import Tokenizer, train_or_load_tokenizer
-from .translation import BUILTIN_DATA_SEED, _resolve_path
+from .translation import BUILTIN_DATA_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -212,25 +212,6 @@ def _stable_seed(seed: int, epoch: int, split: str) -> int:
 # --------------------------------------------------------------------------- corpora
 
 
-def _as_lm_config(cfg: Any) -> LMDataConfig:
-    if isinstance(cfg, LMDataConfig):
-        return cfg
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # omegaconf is optional for plain-dict callers
-        pass
-    if not isinstance(cfg, dict):
-        raise DataError(f"expected an LMDataConfig, DictConfig or dict, got {type(cfg).__name__}")
-    names = {f.name for f in dataclasses.fields(LMDataConfig)}
-    unknown = sorted(set(cfg) - names)
-    if unknown:
-        logger.warning("ignoring unknown data config keys: %s", ", ".join(unknown))
-    return LMDataConfig(**{k: v for k, v in cfg.items() if k in names})
-
-
 def check_text_file(path: str, key: str) -> None:
     """Raise a DataError naming `key` and the file if it is missing, blank or not UTF-8.
 
@@ -310,7 +291,7 @@ def _read_lm1b(num_valid: int, cache_dir: str) -> dict[str, list[str]]:
 def _read_local(cfg: LMDataConfig, cache_dir: str) -> dict[str, list[str]]:
     import datasets
 
-    paths = {split: _resolve_path(getattr(cfg, f"{split}_path")) for split in SPLITS}
+    paths = {split: resolve_path(getattr(cfg, f"{split}_path")) for split in SPLITS}
     if not paths["train"]:
         raise DataError("data.train_path is required when data.name=local")
     paths = {split: path for split, path in paths.items() if path}
@@ -404,14 +385,14 @@ def cached_stream(tokenizer: Tokenizer, docs: Sequence[str], cache_dir: str
 def load_lm_data(cfg: Any, seed: int = 0) -> LMData:
     """Load (generating/downloading and caching as needed) a corpus, its tokenizer and the
     token stream of every split. `seed` only orders training batches."""
-    cfg = _as_lm_config(cfg)
+    cfg = as_config(cfg, LMDataConfig)
     if cfg.seq_len < 1:
         raise DataError(f"data.seq_len must be at least 1, got {cfg.seq_len}")
     if cfg.max_tokens < cfg.seq_len:
         raise DataError(f"data.max_tokens={cfg.max_tokens} is smaller than data.seq_len="
                         f"{cfg.seq_len}; a batch must hold at least one sequence")
     start = time.perf_counter()
-    cache_dir = _resolve_path(cfg.cache_dir)
+    cache_dir = resolve_path(cfg.cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
 
     docs, tokenizer_text = _read_lm_corpus(cfg, cache_dir)
