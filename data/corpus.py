@@ -6,6 +6,9 @@ Three kinds of corpora:
   * wmt14_en_fr / wmt14_en_de: `datasets.load_dataset("wmt14", ...)` (needs network once);
   * local: a user's files, read by the strict readers below so that every problem
     surfaces as a one-line `DataError` naming the file (and line).
+
+The pieces that are not about pairs (quiet `datasets` calls, Arrow columns, checked
+lines of a text file) serve the language-modelling corpora of `data.lm` too.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def normalize_text(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
+def quiet_datasets() -> Iterator[None]:
     """Silence datasets' progress bars for one call, restoring the caller's setting."""
     import datasets
     from datasets.utils import logging as ds_logging
@@ -61,14 +64,14 @@ def load_jsonl_splits(paths: dict[str, str], cache_dir: str) -> dict[str, Pairs]
     """Read {split: path} JSONL files with `source`/`target` keys through `datasets`."""
     import datasets
 
-    with _quiet_datasets():
+    with quiet_datasets():
         dataset = datasets.load_dataset("json", data_files=paths, cache_dir=cache_dir)
-    return {split: ([normalize_text(s) for s in _column(dataset[split], "source")],
-                     [normalize_text(t) for t in _column(dataset[split], "target")])
+    return {split: ([normalize_text(s) for s in column_as_list(dataset[split], "source")],
+                     [normalize_text(t) for t in column_as_list(dataset[split], "target")])
             for split in paths}
 
 
-def _column(dataset, name: str) -> list:
+def column_as_list(dataset, name: str) -> list:
     """A column as a Python list, converted by Arrow in bulk (row iteration is ~10x slower)."""
     return dataset.with_format("arrow")[:].column(name).to_pylist()
 
@@ -77,7 +80,7 @@ def load_wmt14(pair: str, source_lang: str, target_lang: str, cache_dir: str) ->
     """WMT'14 from the Hugging Face hub, e.g. pair="fr-en" (downloads once, then cached)."""
     import datasets
 
-    with _quiet_datasets():
+    with quiet_datasets():
         dataset = datasets.load_dataset("wmt14", pair, cache_dir=cache_dir)
     langs = set(pair.split("-"))
     if {source_lang, target_lang} != langs:
@@ -85,7 +88,7 @@ def load_wmt14(pair: str, source_lang: str, target_lang: str, cache_dir: str) ->
                         f"{source_lang!r} and data.target_lang={target_lang!r}")
     out = {}
     for split, hf_split in (("train", "train"), ("valid", "validation"), ("test", "test")):
-        translations = _column(dataset[hf_split], "translation")
+        translations = column_as_list(dataset[hf_split], "translation")
         out[split] = ([normalize_text(t[source_lang]) for t in translations],
                       [normalize_text(t[target_lang]) for t in translations])
     return out
@@ -94,29 +97,38 @@ def load_wmt14(pair: str, source_lang: str, target_lang: str, cache_dir: str) ->
 # --------------------------------------------------------------------------- local files
 
 
-def read_lines(path: str, key: str) -> list[str]:
-    """Lines of a UTF-8 text file, with a DataError naming the file/line on any problem."""
+def iter_lines(path: str, key: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file, one at a time, without their line ends.
+
+    A DataError names `key`, the file and the line if the file is missing, is not UTF-8,
+    or holds nothing but blank lines (that one is raised after the last line). Reading
+    line by line, so checking a multi-gigabyte file costs no memory.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{key}: file not found: {path}")
+    has_text = False
     with open(path, "rb") as f:
-        raw = f.read()
-    if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-        raw = raw[3:]
-    # Split on b"\n" only: str.splitlines would also split on \x1c, \u2028 ... and
-    # the line numbers in our messages (and alignment of two files) would drift.
-    chunks = raw.split(b"\n")
-    if chunks and chunks[-1] == b"":
-        chunks.pop()
-    lines = []
-    for number, chunk in enumerate(chunks, start=1):
-        try:
-            lines.append(chunk.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{key}: {path}, line {number}: not valid UTF-8 "
-                            f"(byte 0x{chunk[e.start]:02x} at column {e.start + 1})") from None
-    if not any(line.strip() for line in lines):
+        # Binary lines end at b"\n" only: str.splitlines would also split on \x1c,
+        # \u2028 ... and the line numbers in our messages (and alignment of two files)
+        # would drift.
+        for number, line in enumerate(f, start=1):
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+                line = line[3:]
+            line = line.removesuffix(b"\n")
+            try:
+                text = line.decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{key}: {path}, line {number}: not valid UTF-8 "
+                                f"(byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+            has_text = has_text or bool(text.strip())
+            yield text
+    if not has_text:
         raise DataError(f"{key}: file is empty: {path}")
-    return lines
+
+
+def read_lines(path: str, key: str) -> list[str]:
+    """All of `iter_lines`, so that any problem in the file is raised before parsing starts."""
+    return list(iter_lines(path, key))
 
 
 def _read_tsv(path: str, key: str) -> Pairs:

@@ -41,8 +41,8 @@ import torch
 
 from .batching import shard
 from .config import as_config, resolve_path
-from .corpus import (_CARVE_SEED, SPLITS, DataError, _column, _quiet_datasets,
-                     load_jsonl_splits, normalize_text)
+from .corpus import (_CARVE_SEED, SPLITS, DataError, column_as_list, iter_lines,
+                     load_jsonl_splits, normalize_text, quiet_datasets)
 from .synthetic import write_builtin_jsonl
 from .tokenizer import Tokenizer, train_or_load_tokenizer
 from .translation import BUILTIN_DATA_SEED
@@ -212,31 +212,9 @@ def _stable_seed(seed: int, epoch: int, split: str) -> int:
 # --------------------------------------------------------------------------- corpora
 
 
-def check_text_file(path: str, key: str) -> None:
-    """Raise a DataError naming `key` and the file if it is missing, blank or not UTF-8.
-
-    Reads line by line, so checking a multi-gigabyte file costs no memory.
-    """
-    if not os.path.isfile(path):
-        raise DataError(f"{key}: file not found: {path}")
-    has_text = False
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if number == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-                line = line[3:]
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{key}: {path}, line {number}: not valid UTF-8 "
-                                f"(byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
-            has_text = has_text or bool(text.strip())
-    if not has_text:
-        raise DataError(f"{key}: file is empty: {path}")
-
-
 def _texts(dataset, column: str = "text") -> list[str]:
     """Non-empty documents of a `datasets` split, whitespace normalised."""
-    return [t for t in (normalize_text(t) for t in _column(dataset, column)) if t]
+    return [t for t in (normalize_text(t) for t in column_as_list(dataset, column)) if t]
 
 
 def _carve(docs: list[str], counts: dict[str, int]) -> tuple[list[str], dict[str, list[str]]]:
@@ -269,7 +247,7 @@ def _read_builtin(cfg: LMDataConfig, cache_dir: str) -> tuple[dict[str, list[str
 def _read_wikitext103(cache_dir: str) -> dict[str, list[str]]:
     import datasets
 
-    with _quiet_datasets():
+    with quiet_datasets():
         dataset = datasets.load_dataset("wikitext", "wikitext-103-raw-v1", cache_dir=cache_dir)
     return {split: _texts(dataset[hf_split])
             for split, hf_split in (("train", "train"), ("valid", "validation"), ("test", "test"))}
@@ -278,7 +256,7 @@ def _read_wikitext103(cache_dir: str) -> dict[str, list[str]]:
 def _read_lm1b(num_valid: int, cache_dir: str) -> dict[str, list[str]]:
     import datasets
 
-    with _quiet_datasets():
+    with quiet_datasets():
         dataset = datasets.load_dataset("lm1b", cache_dir=cache_dir)
     train = _texts(dataset["train"])
     if num_valid >= len(train):
@@ -296,8 +274,9 @@ def _read_local(cfg: LMDataConfig, cache_dir: str) -> dict[str, list[str]]:
         raise DataError("data.train_path is required when data.name=local")
     paths = {split: path for split, path in paths.items() if path}
     for split, path in paths.items():
-        check_text_file(path, f"data.{split}_path")
-    with _quiet_datasets():
+        for _ in iter_lines(path, f"data.{split}_path"):
+            pass  # only its checks: datasets reads the text
+    with quiet_datasets():
         # utf-8-sig drops a byte-order mark, which normalize_text would keep.
         dataset = datasets.load_dataset("text", data_files=paths, encoding="utf-8-sig",
                                         cache_dir=cache_dir)
