@@ -227,21 +227,41 @@ def read_local_corpus(paths: dict[str, tuple[Optional[str], Optional[str]]],
     missing = [split for split in ("valid", "test") if split not in out]
     if missing:
         sources, targets = out["train"]
-        order = list(range(len(sources)))
-        random.Random(_CARVE_SEED).shuffle(order)
-        wanted = {"valid": num_valid, "test": num_test}
-        start = 0
-        for split in missing:
-            count = min(wanted[split], len(sources) // 10)
-            picked = order[start:start + count]
-            start += count
-            out[split] = ([sources[i] for i in picked], [targets[i] for i in picked])
-        kept = sorted(order[start:])
+        kept, carved = carve_missing_splits(len(sources), missing, num_valid, num_test, "pairs")
+        for split, positions in carved.items():
+            out[split] = ([sources[i] for i in positions], [targets[i] for i in positions])
         out["train"] = ([sources[i] for i in kept], [targets[i] for i in kept])
-        logger.info("local corpus: no %s file; carved %s out of train (%d pairs left)",
-                    "/".join(missing),
-                    ", ".join(f"{len(out[s][0])} {s}" for s in missing), len(kept))
     return out
+
+
+def carve(size: int, counts: dict[str, int]) -> tuple[list[int], dict[str, list[int]]]:
+    """Disjoint fixed random samples of the positions range(size), `counts[split]` for each
+    split; returns (the positions left, {split: sample}), each in ascending order.
+
+    The sample depends only on `size` and `counts`, not on the training seed, so runs with
+    different seeds evaluate on the same text. Only the positions taken are drawn, so
+    carving a valid split out of lm1b's 30M sentences costs no shuffle of 30M.
+    """
+    picked = random.Random(_CARVE_SEED).sample(range(size), sum(counts.values()))
+    samples, start = {}, 0
+    for split, count in counts.items():
+        samples[split] = sorted(picked[start:start + count])
+        start += count
+    taken = set(picked)
+    return [i for i in range(size) if i not in taken], samples
+
+
+def carve_missing_splits(train_size: int, missing: list[str], num_valid: int, num_test: int,
+                         unit: str) -> tuple[list[int], dict[str, list[int]]]:
+    """`carve` for a local corpus without its own `missing` ("valid", "test") files: at most
+    a tenth of train per split, so a small corpus keeps most of itself for training."""
+    wanted = {"valid": num_valid, "test": num_test}
+    counts = {split: min(wanted[split], train_size // 10) for split in missing}
+    kept, carved = carve(train_size, counts)
+    logger.info("local corpus: no %s file; carved %s out of train (%d %s left)",
+                "/".join(missing), ", ".join(f"{counts[s]} {s}" for s in missing), len(kept),
+                unit)
+    return kept, carved
 
 
 def drop_empty_pairs(sources: list[str], targets: list[str], split: str) -> Pairs:

@@ -32,7 +32,6 @@ import collections.abc
 import hashlib
 import logging
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -41,7 +40,7 @@ import torch
 
 from .batching import shard
 from .config import as_config, resolve_path
-from .corpus import (_CARVE_SEED, SPLITS, DataError, column_as_list, iter_lines,
+from .corpus import (SPLITS, DataError, carve, carve_missing_splits, column_as_list, iter_lines,
                      load_jsonl_splits, normalize_text, quiet_datasets)
 from .synthetic import write_builtin_jsonl
 from .tokenizer import Tokenizer, train_or_load_tokenizer
@@ -217,22 +216,6 @@ def _texts(dataset, column: str = "text") -> list[str]:
     return [t for t in (normalize_text(t) for t in column_as_list(dataset, column)) if t]
 
 
-def _carve(docs: list[str], counts: dict[str, int]) -> tuple[list[str], dict[str, list[str]]]:
-    """Take fixed random samples of `docs` for each of `counts`; return (rest, samples).
-
-    The sample depends only on len(docs) and the counts, not on the training seed, so
-    runs with different seeds evaluate on the same text.
-    """
-    total = sum(counts.values())
-    picked = random.Random(_CARVE_SEED).sample(range(len(docs)), total)
-    samples, start = {}, 0
-    for split, count in counts.items():
-        samples[split] = [docs[i] for i in sorted(picked[start:start + count])]
-        start += count
-    taken = set(picked)
-    return [d for i, d in enumerate(docs) if i not in taken], samples
-
-
 def _read_builtin(cfg: LMDataConfig, cache_dir: str) -> tuple[dict[str, list[str]], list[str]]:
     paths = write_builtin_jsonl(cache_dir, cfg.num_train, cfg.num_valid, cfg.num_test,
                                 BUILTIN_DATA_SEED)
@@ -262,8 +245,9 @@ def _read_lm1b(num_valid: int, cache_dir: str) -> dict[str, list[str]]:
     if num_valid >= len(train):
         raise DataError(f"data.num_valid={num_valid} leaves no lm1b training sentences "
                         f"(train has {len(train)})")
-    train, carved = _carve(train, {"valid": num_valid})
-    return {"train": train, "valid": carved["valid"], "test": _texts(dataset["test"])}
+    kept, carved = carve(len(train), {"valid": num_valid})
+    return {"train": [train[i] for i in kept], "valid": [train[i] for i in carved["valid"]],
+            "test": _texts(dataset["test"])}
 
 
 def _read_local(cfg: LMDataConfig, cache_dir: str) -> dict[str, list[str]]:
@@ -283,14 +267,11 @@ def _read_local(cfg: LMDataConfig, cache_dir: str) -> dict[str, list[str]]:
     docs = {split: _texts(dataset[split]) for split in paths}
     missing = [split for split in ("valid", "test") if split not in docs]
     if missing:
-        # At most a tenth of train per carved split, as for local translation corpora.
-        wanted = {"valid": cfg.num_valid, "test": cfg.num_test}
-        counts = {split: min(wanted[split], len(docs["train"]) // 10) for split in missing}
-        docs["train"], carved = _carve(docs["train"], counts)
-        docs.update(carved)
-        logger.info("local corpus: no %s file; carved %s out of train (%d lines left)",
-                    "/".join(missing), ", ".join(f"{counts[s]} {s}" for s in missing),
-                    len(docs["train"]))
+        train = docs["train"]
+        kept, carved = carve_missing_splits(len(train), missing, cfg.num_valid, cfg.num_test,
+                                            "lines")
+        docs["train"] = [train[i] for i in kept]
+        docs.update({split: [train[i] for i in positions] for split, positions in carved.items()})
     return docs
 
 
