@@ -19,9 +19,6 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
 MAX_TRAINING_SENTENCES = 2_000_000
 
-# How many SentencePiece models this process has trained (tests use it to check caching).
-train_count = 0
-
 
 class Tokenizer:
     """Thin wrapper over a SentencePiece model with fixed special ids."""
@@ -96,7 +93,6 @@ def train_or_load_tokenizer(texts: Sequence[str], cache_dir: str, vocab_size: in
     if model_path.exists():
         return Tokenizer(str(model_path))
 
-    global train_count
     directory.mkdir(parents=True, exist_ok=True)
     # Training from an iterator into memory keeps file paths out of the model proto,
     # so the same text and options give byte-identical model files anywhere.
@@ -107,7 +103,6 @@ def train_or_load_tokenizer(texts: Sequence[str], cache_dir: str, vocab_size: in
                                        **options)
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed: {e}") from None
-    train_count += 1
     # Write then rename so a concurrent process never loads half a model.
     tmp = f"{model_path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:

@@ -11,11 +11,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-import data.tokenizer as tokenizer_module
 from data import Batch, DataConfig, DataError, load_translation_data
 from data.corpus import read_local_corpus
 from data.synthetic import (english_number, english_ordinal_suffix, english_ordinal_words,
                             french_number, generate_pairs, generate_splits, write_builtin_jsonl)
+from tests.helpers_data import count_tokenizer_trainings
 
 # --------------------------------------------------------------------------- number words
 
@@ -131,25 +131,25 @@ def test_tokenizer_round_trip(builtin):
             assert tok.decode(torch.tensor([tok.bos_id, *ids, tok.eos_id, tok.pad_id])) == text
 
 
-def test_tokenizer_cached_and_deterministic(tmp_path):
+def test_tokenizer_cached_and_deterministic(tmp_path, monkeypatch):
+    trainings = count_tokenizer_trainings(monkeypatch)
     cfg = DataConfig(num_train=300, num_valid=20, num_test=20, vocab_size=120,
                      cache_dir=str(tmp_path / "a"))
-    before = tokenizer_module.train_count
     first = load_translation_data(cfg)
-    assert tokenizer_module.train_count == before + 1
+    assert len(trainings) == 1
     mtime = os.stat(first.tokenizer.model_path).st_mtime_ns
     second = load_translation_data(cfg)
-    assert tokenizer_module.train_count == before + 1  # reused, not retrained
+    assert len(trainings) == 1  # reused, not retrained
     assert second.tokenizer.model_path == first.tokenizer.model_path
     assert os.stat(second.tokenizer.model_path).st_mtime_ns == mtime
     # A fresh cache trains again and must produce the identical model.
     other = load_translation_data(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "b")}))
-    assert tokenizer_module.train_count == before + 2
+    assert len(trainings) == 2
     with open(first.tokenizer.model_path, "rb") as a, open(other.tokenizer.model_path, "rb") as b:
         assert a.read() == b.read()
     # Changing an option trains a new model.
     load_translation_data(DataConfig(**{**vars(cfg), "vocab_size": 100}))
-    assert tokenizer_module.train_count == before + 3
+    assert [t["vocab_size"] for t in trainings] == [120, 120, 100]
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "char", "word"])
