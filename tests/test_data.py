@@ -11,11 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from data import Batch, DataConfig, DataError, load_translation_data
+from data import Batch, DataConfig, DataError, load_lm_data, load_translation_data
 from data.corpus import read_local_corpus
 from data.synthetic import (english_number, english_ordinal_suffix, english_ordinal_words,
                             french_number, generate_pairs, generate_splits, write_builtin_jsonl)
-from tests.helpers_data import count_tokenizer_trainings
+from tests.helpers_data import (count_tokenizer_trainings, fake_hub, local_lm_config,
+                                local_translation_config, write_text)
 
 # --------------------------------------------------------------------------- number words
 
@@ -180,18 +181,10 @@ def test_bad_options(tmp_path):
 
 
 def test_wmt14_mapping_without_network(tmp_path, monkeypatch):
-    import datasets
-
     rows = [{"de": f"Satz {i}", "en": f"sentence {i}"} for i in range(40)]
-    calls = []
-
-    def fake_load_dataset(path, name=None, **kwargs):
-        calls.append((path, name))
-        split = datasets.Dataset.from_dict({"translation": rows})
-        return datasets.DatasetDict(train=split, validation=split.select(range(5)),
-                                    test=split.select(range(5, 10)))
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    calls = fake_hub(monkeypatch, {"train": {"translation": rows},
+                                   "validation": {"translation": rows[:5]},
+                                   "test": {"translation": rows[5:10]}})
     td = load_translation_data(DataConfig(name="wmt14_en_de", target_lang="de", vocab_size=60,
                                           cache_dir=str(tmp_path)))
     assert calls == [("wmt14", "de-en")]
@@ -294,44 +287,35 @@ SOURCES = [f"sentence number {i}" for i in range(30)]
 TARGETS = [f"phrase numéro {i}" for i in range(30)]
 
 
-def _local(tmp_path, **paths):
-    return DataConfig(name="local", vocab_size=80, cache_dir=str(tmp_path / "cache"),
-                      **{k: str(v) for k, v in paths.items()})
-
-
-def _write(path, text):
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def test_local_tsv_with_carved_splits(tmp_path, caplog):
-    tsv = _write(tmp_path / "train.tsv", "".join(f"{s}\t{t}\n" for s, t in zip(SOURCES, TARGETS)))
+    tsv = write_text(tmp_path / "train.tsv", "".join(f"{s}\t{t}\n" for s, t in zip(SOURCES, TARGETS)))
     with caplog.at_level(logging.INFO, logger="data"):
-        td = load_translation_data(_local(tmp_path, train_path=tsv))
+        td = load_translation_data(local_translation_config(tmp_path, train_path=tsv))
     assert [len(td.sources[s]) for s in ("train", "valid", "test")] == [24, 3, 3]
     assert "carved" in caplog.text
     everything = {s: t for split in td.sources for s, t in zip(td.sources[split], td.targets[split])}
     assert everything == dict(zip(SOURCES, TARGETS))  # a partition: nothing lost or duplicated
-    again = load_translation_data(_local(tmp_path, train_path=tsv))
+    again = load_translation_data(local_translation_config(tmp_path, train_path=tsv))
     assert again.sources == td.sources  # carving is deterministic
 
 
 def test_local_jsonl_and_two_files(tmp_path):
-    jsonl = _write(tmp_path / "train.jsonl", "".join(
+    jsonl = write_text(tmp_path / "train.jsonl", "".join(
         json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n"
         for s, t in zip(SOURCES, TARGETS)))
-    valid = _write(tmp_path / "valid.jsonl", json.dumps({"en": "hello there", "fr": "salut"}) + "\n")
-    src = _write(tmp_path / "test.en", "one\ntwo\n")
-    tgt = _write(tmp_path / "test.fr", "un\ndeux\n")
-    td = load_translation_data(_local(tmp_path, train_path=jsonl, valid_path=valid,
+    valid = write_text(tmp_path / "valid.jsonl", json.dumps({"en": "hello there", "fr": "salut"}) + "\n")
+    src = write_text(tmp_path / "test.en", "one\ntwo\n")
+    tgt = write_text(tmp_path / "test.fr", "un\ndeux\n")
+    td = load_translation_data(local_translation_config(tmp_path, train_path=jsonl, valid_path=valid,
                                       test_path=src, test_target_path=tgt))
     assert td.sources["train"] == SOURCES and td.targets["train"] == TARGETS
     assert (td.sources["valid"], td.targets["valid"]) == (["hello there"], ["salut"])
     assert (td.sources["test"], td.targets["test"]) == (["one", "two"], ["un", "deux"])
 
-    train_src = _write(tmp_path / "train.en", "\n".join(SOURCES) + "\n")
-    train_tgt = _write(tmp_path / "train.fr", "\r\n".join(TARGETS))  # CRLF, no final newline
-    td2 = load_translation_data(_local(tmp_path, train_path=train_src, train_target_path=train_tgt))
+    train_src = write_text(tmp_path / "train.en", "\n".join(SOURCES) + "\n")
+    train_tgt = write_text(tmp_path / "train.fr", "\r\n".join(TARGETS))  # CRLF, no final newline
+    td2 = load_translation_data(local_translation_config(tmp_path, train_path=train_src,
+                                                         train_target_path=train_tgt))
     assert sum(len(td2.sources[s]) for s in td2.sources) == 30
     assert set(td2.targets["train"]) <= set(TARGETS)
 
@@ -340,10 +324,10 @@ def test_local_filtering_counts(tmp_path, caplog):
     long_source = " ".join(["word"] * 200)
     lines = [f"{s}\t{t}" for s, t in zip(SOURCES, TARGETS)]
     lines += ["\tno source", "no target\t", "", f"{long_source}\ttoo long"]
-    tsv = _write(tmp_path / "train.tsv", "\n".join(lines) + "\n")
-    valid = _write(tmp_path / "valid.tsv", "a b\tc d\n")
+    tsv = write_text(tmp_path / "train.tsv", "\n".join(lines) + "\n")
+    valid = write_text(tmp_path / "valid.tsv", "a b\tc d\n")
     with caplog.at_level(logging.INFO, logger="data"):
-        td = load_translation_data(_local(tmp_path, train_path=tsv, valid_path=valid,
+        td = load_translation_data(local_translation_config(tmp_path, train_path=tsv, valid_path=valid,
                                           test_path=valid))
     assert td.sources["train"] == SOURCES
     assert "train: dropped 3 empty pairs of 34" in caplog.text
@@ -360,30 +344,34 @@ def test_max_valid_caps_eval_splits(tmp_path):
 def test_error_missing_file(tmp_path):
     missing = tmp_path / "nope.tsv"
     with pytest.raises(DataError, match="data.train_path") as e:
-        load_translation_data(_local(tmp_path, train_path=missing))
+        load_translation_data(local_translation_config(tmp_path, train_path=missing))
     assert str(missing) in str(e.value)
     with pytest.raises(DataError, match="data.train_path is required"):
         load_translation_data(DataConfig(name="local", cache_dir=str(tmp_path)))
-    ok = _write(tmp_path / "ok.en", "a\n")
+    ok = write_text(tmp_path / "ok.en", "a\n")
     with pytest.raises(DataError, match="data.valid_target_path") as e:
-        load_translation_data(_local(tmp_path, train_path=ok, train_target_path=ok,
+        load_translation_data(local_translation_config(tmp_path, train_path=ok, train_target_path=ok,
                                      valid_path=ok, valid_target_path=tmp_path / "x.fr"))
     assert "x.fr" in str(e.value)
 
 
-@pytest.mark.parametrize("content", ["", "\n\n  \n"])
-def test_error_empty_file(tmp_path, content):
-    empty = _write(tmp_path / "train.tsv", content)
-    with pytest.raises(DataError, match="empty") as e:
-        load_translation_data(_local(tmp_path, train_path=empty))
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "\n \n\t\n"])
+@pytest.mark.parametrize("load, config, name", [
+    (load_translation_data, local_translation_config, "train.tsv"),
+    (load_lm_data, local_lm_config, "train.txt"),
+])
+def test_error_empty_file(tmp_path, content, load, config, name):
+    empty = write_text(tmp_path / name, content)
+    with pytest.raises(DataError, match="data.train_path: file is empty") as e:
+        load(config(tmp_path, train_path=empty))
     assert str(empty) in str(e.value)
 
 
 def test_error_misaligned(tmp_path):
-    src = _write(tmp_path / "train.en", "a\nb\nc\n")
-    tgt = _write(tmp_path / "train.fr", "a\nb\n")
+    src = write_text(tmp_path / "train.en", "a\nb\nc\n")
+    tgt = write_text(tmp_path / "train.fr", "a\nb\n")
     with pytest.raises(DataError, match="not aligned") as e:
-        load_translation_data(_local(tmp_path, train_path=src, train_target_path=tgt))
+        load_translation_data(local_translation_config(tmp_path, train_path=src, train_target_path=tgt))
     message = str(e.value)
     assert str(src) in message and str(tgt) in message and "3 lines" in message and "2 lines" in message
 
@@ -392,27 +380,27 @@ def test_error_not_utf8(tmp_path):
     bad = tmp_path / "train.tsv"
     bad.write_bytes("ok\tbien\nçà\tlà\n".encode("utf-8") + b"caf\xe9\tcaf\xc3\xa9\n")
     with pytest.raises(DataError, match="UTF-8") as e:
-        load_translation_data(_local(tmp_path, train_path=bad))
+        load_translation_data(local_translation_config(tmp_path, train_path=bad))
     assert str(bad) in str(e.value) and "line 3" in str(e.value)
 
 
 def test_error_malformed_lines(tmp_path):
-    tsv = _write(tmp_path / "train.tsv", "a\tb\nno tab here\n")
+    tsv = write_text(tmp_path / "train.tsv", "a\tb\nno tab here\n")
     with pytest.raises(DataError, match="line 2"):
-        load_translation_data(_local(tmp_path, train_path=tsv))
-    jsonl = _write(tmp_path / "train.jsonl", '{"source": "a", "target": "b"}\n{"source": 1}\n')
+        load_translation_data(local_translation_config(tmp_path, train_path=tsv))
+    jsonl = write_text(tmp_path / "train.jsonl", '{"source": "a", "target": "b"}\n{"source": 1}\n')
     with pytest.raises(DataError, match="line 2"):
-        load_translation_data(_local(tmp_path, train_path=jsonl))
-    txt = _write(tmp_path / "train.txt", "a\n")
+        load_translation_data(local_translation_config(tmp_path, train_path=jsonl))
+    txt = write_text(tmp_path / "train.txt", "a\n")
     with pytest.raises(DataError, match="train_target_path"):
-        load_translation_data(_local(tmp_path, train_path=txt))
+        load_translation_data(local_translation_config(tmp_path, train_path=txt))
 
 
 def test_error_is_one_line(tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"source": "a",\n "target": "b"}\n', encoding="utf-8")
     with pytest.raises(DataError) as e:
-        load_translation_data(_local(tmp_path, train_path=bad))
+        load_translation_data(local_translation_config(tmp_path, train_path=bad))
     assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
 
 
