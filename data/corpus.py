@@ -76,16 +76,53 @@ def column_as_list(dataset, name: str) -> list:
     return dataset.with_format("arrow")[:].column(name).to_pylist()
 
 
-def load_wmt14(pair: str, source_lang: str, target_lang: str, cache_dir: str) -> dict[str, Pairs]:
-    """WMT'14 from the Hugging Face hub, e.g. pair="fr-en" (downloads once, then cached)."""
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What `datasets.load_dataset` raises when the hub cannot be reached: datasets wraps
+    most failures in the builtin ConnectionError (huggingface_hub's OfflineModeIsEnabled
+    is one); the HTTP clients' own errors may come through unwrapped."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import requests
+
+        errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:
+        pass
+    try:
+        import httpx
+
+        errors.append(httpx.TransportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def load_hub_dataset(path: str, name: Optional[str], cache_dir: str, local_option: str):
+    """`datasets.load_dataset(path, name)` from the Hugging Face hub (downloaded once, then
+    cached in `cache_dir`). Without network and without a cached copy, a one-line
+    DataError says how to pre-download it, or to use `local_option` instead."""
     import datasets
 
-    with quiet_datasets():
-        dataset = datasets.load_dataset("wmt14", pair, cache_dir=cache_dir)
+    try:
+        with quiet_datasets():
+            return datasets.load_dataset(path, name, cache_dir=cache_dir)
+    except _network_errors() as error:
+        arguments = ", ".join(repr(a) for a in (path, name) if a is not None)
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"could not download the {' '.join(a for a in (path, name) if a)} corpus from the "
+            f"Hugging Face hub ({type(error).__name__}: {reason}). On a machine with network, "
+            f"run python -c \"import datasets; datasets.load_dataset({arguments}, "
+            f"cache_dir={cache_dir!r})\", copy that directory to the same path here and set "
+            f"HF_DATASETS_OFFLINE=1; or train on your own files with {local_option}") from None
+
+
+def load_wmt14(pair: str, source_lang: str, target_lang: str, cache_dir: str) -> dict[str, Pairs]:
+    """WMT'14 from the Hugging Face hub, e.g. pair="fr-en" (downloads once, then cached)."""
     langs = set(pair.split("-"))
     if {source_lang, target_lang} != langs:
         raise DataError(f"wmt14 {pair} has languages {sorted(langs)}, but data.source_lang="
                         f"{source_lang!r} and data.target_lang={target_lang!r}")
+    dataset = load_hub_dataset("wmt14", pair, cache_dir, "data=local")
     out = {}
     for split, hf_split in (("train", "train"), ("valid", "validation"), ("test", "test")):
         translations = column_as_list(dataset[hf_split], "translation")

@@ -41,7 +41,7 @@ import torch
 from .batching import shard
 from .config import as_config, resolve_path
 from .corpus import (SPLITS, DataError, carve, carve_missing_splits, column_as_list, iter_lines,
-                     load_jsonl_splits, normalize_text, quiet_datasets)
+                     load_hub_dataset, load_jsonl_splits, normalize_text, quiet_datasets)
 from .synthetic import write_builtin_jsonl
 from .tokenizer import Tokenizer, train_or_load_tokenizer
 from .translation import BUILTIN_DATA_SEED
@@ -228,19 +228,13 @@ def _read_builtin(cfg: LMDataConfig, cache_dir: str) -> tuple[dict[str, list[str
 
 
 def _read_wikitext103(cache_dir: str) -> dict[str, list[str]]:
-    import datasets
-
-    with quiet_datasets():
-        dataset = datasets.load_dataset("wikitext", "wikitext-103-raw-v1", cache_dir=cache_dir)
+    dataset = load_hub_dataset("wikitext", "wikitext-103-raw-v1", cache_dir, "data=local_lm")
     return {split: _texts(dataset[hf_split])
             for split, hf_split in (("train", "train"), ("valid", "validation"), ("test", "test"))}
 
 
 def _read_lm1b(num_valid: int, cache_dir: str) -> dict[str, list[str]]:
-    import datasets
-
-    with quiet_datasets():
-        dataset = datasets.load_dataset("lm1b", cache_dir=cache_dir)
+    dataset = load_hub_dataset("lm1b", None, cache_dir, "data=local_lm")
     train = _texts(dataset["train"])
     if num_valid >= len(train):
         raise DataError(f"data.num_valid={num_valid} leaves no lm1b training sentences "

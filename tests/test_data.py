@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-from data import Batch, DataConfig, DataError, load_lm_data, load_translation_data
+from data import Batch, DataConfig, DataError, LMDataConfig, load_lm_data, load_translation_data
 from data.corpus import read_local_corpus
 from data.synthetic import (english_number, english_ordinal_suffix, english_ordinal_words,
                             french_number, generate_pairs, generate_splits, write_builtin_jsonl)
@@ -465,3 +465,37 @@ def test_local_reader_loads_or_raises_data_error(files):
             for text in sources + targets:
                 assert isinstance(text, str) and text == text.strip() and "\n" not in text
                 text.encode("utf-8")  # no lone surrogates reach the tokenizer
+
+
+# --------------------------------------------------------------------------- no network
+
+
+def _offline_errors():
+    """What `datasets.load_dataset` raises without network, in the installed versions."""
+    import huggingface_hub.errors
+    import requests
+
+    return [
+        ConnectionError("Couldn't reach 'wmt14' on the Hub (LocalEntryNotFoundError)"),
+        huggingface_hub.errors.OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode"),
+        requests.exceptions.ConnectionError("Max retries exceeded with url: /datasets/wmt14"),
+    ]
+
+
+@pytest.mark.parametrize("error", _offline_errors(), ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("load, schema, name, hub_name, local_option", [
+    (load_translation_data, DataConfig, "wmt14_en_fr", "'wmt14', 'fr-en'", "data=local"),
+    (load_lm_data, LMDataConfig, "wikitext103", "'wikitext', 'wikitext-103-raw-v1'",
+     "data=local_lm"),
+    (load_lm_data, LMDataConfig, "lm1b", "'lm1b'", "data=local_lm"),
+], ids=["wmt14_en_fr", "wikitext103", "lm1b"])
+def test_hub_corpus_without_network_is_one_line_data_error(tmp_path, monkeypatch, error, load,
+                                                           schema, name, hub_name, local_option):
+    fake_hub(monkeypatch, error=error)
+    with pytest.raises(DataError) as e:
+        load(schema(name=name, cache_dir=str(tmp_path)))
+    message = str(e.value)
+    assert "\n" not in message and "could not download" in message
+    hf_cache = os.path.join(str(tmp_path), "hf")
+    assert f"datasets.load_dataset({hub_name}, cache_dir={hf_cache!r})" in message
+    assert "HF_DATASETS_OFFLINE=1" in message and local_option in message
