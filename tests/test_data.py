@@ -1,5 +1,6 @@
 """Tests for data/: the built-in task, corpus readers, SentencePiece caching, batching."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -499,3 +500,29 @@ def test_hub_corpus_without_network_is_one_line_data_error(tmp_path, monkeypatch
     hf_cache = os.path.join(str(tmp_path), "hf")
     assert f"datasets.load_dataset({hub_name}, cache_dir={hf_cache!r})" in message
     assert "HF_DATASETS_OFFLINE=1" in message and local_option in message
+
+
+# --------------------------------------------------------------------------- vocabulary size
+
+
+@pytest.mark.parametrize("load, config, line", [
+    (load_translation_data, local_translation_config, "{i} cats\tchats {i}"),
+    (load_lm_data, local_lm_config, "{i} cats"),
+])
+def test_vocab_size_larger_than_the_corpus_says_what_was_used(tmp_path, caplog, load, config,
+                                                             line):
+    train = write_text(tmp_path / ("train.tsv" if "\t" in line else "train.txt"),
+                       "".join(line.format(i=i) + "\n" for i in range(60)))
+    for attempt in ("trained", "cached"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="data"):
+            loaded = load(dataclasses.replace(config(tmp_path, train_path=train), vocab_size=8000))
+        pieces = loaded.tokenizer.vocab_size
+        assert pieces == loaded.tokenizer._sp.get_piece_size() < 8000
+        assert (f"data.vocab_size=8000 is more than this corpus supports; SentencePiece used "
+                f"{pieces} pieces") in caplog.text, attempt
+        assert "vocab 8000" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="data"):
+        load(dataclasses.replace(config(tmp_path, train_path=train), vocab_size=pieces))
+    assert "more than this corpus supports" not in caplog.text
