@@ -6,6 +6,9 @@ Three kinds of corpora:
   * wmt14_en_fr / wmt14_en_de: `datasets.load_dataset("wmt14", ...)` (needs network once);
   * local: a user's files, read by the strict readers below so that every problem
     surfaces as a one-line `DataError` naming the file (and line).
+
+The pieces that are not about pairs (quiet `datasets` calls, Arrow columns, checked
+lines of a text file) serve the language-modelling corpora of `data.lm` too.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ def normalize_text(text: str) -> str:
 
 
 @contextlib.contextmanager
-def _quiet_datasets() -> Iterator[None]:
+def quiet_datasets() -> Iterator[None]:
     """Silence datasets' progress bars for one call, restoring the caller's setting."""
     import datasets
     from datasets.utils import logging as ds_logging
@@ -61,31 +64,68 @@ def load_jsonl_splits(paths: dict[str, str], cache_dir: str) -> dict[str, Pairs]
     """Read {split: path} JSONL files with `source`/`target` keys through `datasets`."""
     import datasets
 
-    with _quiet_datasets():
+    with quiet_datasets():
         dataset = datasets.load_dataset("json", data_files=paths, cache_dir=cache_dir)
-    return {split: ([normalize_text(s) for s in _column(dataset[split], "source")],
-                     [normalize_text(t) for t in _column(dataset[split], "target")])
+    return {split: ([normalize_text(s) for s in column_as_list(dataset[split], "source")],
+                     [normalize_text(t) for t in column_as_list(dataset[split], "target")])
             for split in paths}
 
 
-def _column(dataset, name: str) -> list:
+def column_as_list(dataset, name: str) -> list:
     """A column as a Python list, converted by Arrow in bulk (row iteration is ~10x slower)."""
     return dataset.with_format("arrow")[:].column(name).to_pylist()
 
 
-def load_wmt14(pair: str, source_lang: str, target_lang: str, cache_dir: str) -> dict[str, Pairs]:
-    """WMT'14 from the Hugging Face hub, e.g. pair="fr-en" (downloads once, then cached)."""
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What `datasets.load_dataset` raises when the hub cannot be reached: datasets wraps
+    most failures in the builtin ConnectionError (huggingface_hub's OfflineModeIsEnabled
+    is one); the HTTP clients' own errors may come through unwrapped."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    try:
+        import requests
+
+        errors += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+    except ImportError:
+        pass
+    try:
+        import httpx
+
+        errors.append(httpx.TransportError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def load_hub_dataset(path: str, name: Optional[str], cache_dir: str, local_option: str):
+    """`datasets.load_dataset(path, name)` from the Hugging Face hub (downloaded once, then
+    cached in `cache_dir`). Without network and without a cached copy, a one-line
+    DataError says how to pre-download it, or to use `local_option` instead."""
     import datasets
 
-    with _quiet_datasets():
-        dataset = datasets.load_dataset("wmt14", pair, cache_dir=cache_dir)
+    try:
+        with quiet_datasets():
+            return datasets.load_dataset(path, name, cache_dir=cache_dir)
+    except _network_errors() as error:
+        arguments = ", ".join(repr(a) for a in (path, name) if a is not None)
+        reason = (str(error).strip().splitlines() or [""])[0]
+        raise DataError(
+            f"could not download the {' '.join(a for a in (path, name) if a)} corpus from the "
+            f"Hugging Face hub ({type(error).__name__}: {reason}). On a machine with network, "
+            f"run python -c \"import datasets; datasets.load_dataset({arguments}, "
+            f"cache_dir={cache_dir!r})\", copy that directory to the same path here and set "
+            f"HF_DATASETS_OFFLINE=1; or train on your own files with {local_option}") from None
+
+
+def load_wmt14(pair: str, source_lang: str, target_lang: str, cache_dir: str) -> dict[str, Pairs]:
+    """WMT'14 from the Hugging Face hub, e.g. pair="fr-en" (downloads once, then cached)."""
     langs = set(pair.split("-"))
     if {source_lang, target_lang} != langs:
         raise DataError(f"wmt14 {pair} has languages {sorted(langs)}, but data.source_lang="
                         f"{source_lang!r} and data.target_lang={target_lang!r}")
+    dataset = load_hub_dataset("wmt14", pair, cache_dir, "data=local")
     out = {}
     for split, hf_split in (("train", "train"), ("valid", "validation"), ("test", "test")):
-        translations = _column(dataset[hf_split], "translation")
+        translations = column_as_list(dataset[hf_split], "translation")
         out[split] = ([normalize_text(t[source_lang]) for t in translations],
                       [normalize_text(t[target_lang]) for t in translations])
     return out
@@ -94,29 +134,38 @@ def load_wmt14(pair: str, source_lang: str, target_lang: str, cache_dir: str) ->
 # --------------------------------------------------------------------------- local files
 
 
-def read_lines(path: str, key: str) -> list[str]:
-    """Lines of a UTF-8 text file, with a DataError naming the file/line on any problem."""
+def iter_lines(path: str, key: str) -> Iterator[str]:
+    """The lines of a UTF-8 text file, one at a time, without their line ends.
+
+    A DataError names `key`, the file and the line if the file is missing, is not UTF-8,
+    or holds nothing but blank lines (that one is raised after the last line). Reading
+    line by line, so checking a multi-gigabyte file costs no memory.
+    """
     if not os.path.isfile(path):
         raise DataError(f"{key}: file not found: {path}")
+    has_text = False
     with open(path, "rb") as f:
-        raw = f.read()
-    if raw.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-        raw = raw[3:]
-    # Split on b"\n" only: str.splitlines would also split on \x1c, \u2028 ... and
-    # the line numbers in our messages (and alignment of two files) would drift.
-    chunks = raw.split(b"\n")
-    if chunks and chunks[-1] == b"":
-        chunks.pop()
-    lines = []
-    for number, chunk in enumerate(chunks, start=1):
-        try:
-            lines.append(chunk.decode("utf-8").rstrip("\r"))
-        except UnicodeDecodeError as e:
-            raise DataError(f"{key}: {path}, line {number}: not valid UTF-8 "
-                            f"(byte 0x{chunk[e.start]:02x} at column {e.start + 1})") from None
-    if not any(line.strip() for line in lines):
+        # Binary lines end at b"\n" only: str.splitlines would also split on \x1c,
+        # \u2028 ... and the line numbers in our messages (and alignment of two files)
+        # would drift.
+        for number, line in enumerate(f, start=1):
+            if number == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
+                line = line[3:]
+            line = line.removesuffix(b"\n")
+            try:
+                text = line.decode("utf-8").rstrip("\r")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{key}: {path}, line {number}: not valid UTF-8 "
+                                f"(byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+            has_text = has_text or bool(text.strip())
+            yield text
+    if not has_text:
         raise DataError(f"{key}: file is empty: {path}")
-    return lines
+
+
+def read_lines(path: str, key: str) -> list[str]:
+    """All of `iter_lines`, so that any problem in the file is raised before parsing starts."""
+    return list(iter_lines(path, key))
 
 
 def _read_tsv(path: str, key: str) -> Pairs:
@@ -215,21 +264,41 @@ def read_local_corpus(paths: dict[str, tuple[Optional[str], Optional[str]]],
     missing = [split for split in ("valid", "test") if split not in out]
     if missing:
         sources, targets = out["train"]
-        order = list(range(len(sources)))
-        random.Random(_CARVE_SEED).shuffle(order)
-        wanted = {"valid": num_valid, "test": num_test}
-        start = 0
-        for split in missing:
-            count = min(wanted[split], len(sources) // 10)
-            picked = order[start:start + count]
-            start += count
-            out[split] = ([sources[i] for i in picked], [targets[i] for i in picked])
-        kept = sorted(order[start:])
+        kept, carved = carve_missing_splits(len(sources), missing, num_valid, num_test, "pairs")
+        for split, positions in carved.items():
+            out[split] = ([sources[i] for i in positions], [targets[i] for i in positions])
         out["train"] = ([sources[i] for i in kept], [targets[i] for i in kept])
-        logger.info("local corpus: no %s file; carved %s out of train (%d pairs left)",
-                    "/".join(missing),
-                    ", ".join(f"{len(out[s][0])} {s}" for s in missing), len(kept))
     return out
+
+
+def carve(size: int, counts: dict[str, int]) -> tuple[list[int], dict[str, list[int]]]:
+    """Disjoint fixed random samples of the positions range(size), `counts[split]` for each
+    split; returns (the positions left, {split: sample}), each in ascending order.
+
+    The sample depends only on `size` and `counts`, not on the training seed, so runs with
+    different seeds evaluate on the same text. Only the positions taken are drawn, so
+    carving a valid split out of lm1b's 30M sentences costs no shuffle of 30M.
+    """
+    picked = random.Random(_CARVE_SEED).sample(range(size), sum(counts.values()))
+    samples, start = {}, 0
+    for split, count in counts.items():
+        samples[split] = sorted(picked[start:start + count])
+        start += count
+    taken = set(picked)
+    return [i for i in range(size) if i not in taken], samples
+
+
+def carve_missing_splits(train_size: int, missing: list[str], num_valid: int, num_test: int,
+                         unit: str) -> tuple[list[int], dict[str, list[int]]]:
+    """`carve` for a local corpus without its own `missing` ("valid", "test") files: at most
+    a tenth of train per split, so a small corpus keeps most of itself for training."""
+    wanted = {"valid": num_valid, "test": num_test}
+    counts = {split: min(wanted[split], train_size // 10) for split in missing}
+    kept, carved = carve(train_size, counts)
+    logger.info("local corpus: no %s file; carved %s out of train (%d %s left)",
+                "/".join(missing), ", ".join(f"{counts[s]} {s}" for s in missing), len(kept),
+                unit)
+    return kept, carved
 
 
 def drop_empty_pairs(sources: list[str], targets: list[str], split: str) -> Pairs:

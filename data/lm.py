@@ -29,11 +29,9 @@ Corpora (`LMDataConfig.name`):
 from __future__ import annotations
 
 import collections.abc
-import dataclasses
 import hashlib
 import logging
 import os
-import random
 import time
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
@@ -41,11 +39,12 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .batching import shard
-from .corpus import (_CARVE_SEED, SPLITS, DataError, _column, _quiet_datasets,
-                     load_jsonl_splits, normalize_text)
+from .config import as_config, resolve_path
+from .corpus import (SPLITS, DataError, carve, carve_missing_splits, column_as_list, iter_lines,
+                     load_hub_dataset, load_jsonl_splits, normalize_text, quiet_datasets)
 from .synthetic import write_builtin_jsonl
 from .tokenizer import Tokenizer, train_or_load_tokenizer
-from .translation import BUILTIN_DATA_SEED, _resolve_path
+from .translation import BUILTIN_DATA_SEED
 
 logger = logging.getLogger(__name__)
 
@@ -212,66 +211,9 @@ def _stable_seed(seed: int, epoch: int, split: str) -> int:
 # --------------------------------------------------------------------------- corpora
 
 
-def _as_lm_config(cfg: Any) -> LMDataConfig:
-    if isinstance(cfg, LMDataConfig):
-        return cfg
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # omegaconf is optional for plain-dict callers
-        pass
-    if not isinstance(cfg, dict):
-        raise DataError(f"expected an LMDataConfig, DictConfig or dict, got {type(cfg).__name__}")
-    names = {f.name for f in dataclasses.fields(LMDataConfig)}
-    unknown = sorted(set(cfg) - names)
-    if unknown:
-        logger.warning("ignoring unknown data config keys: %s", ", ".join(unknown))
-    return LMDataConfig(**{k: v for k, v in cfg.items() if k in names})
-
-
-def check_text_file(path: str, key: str) -> None:
-    """Raise a DataError naming `key` and the file if it is missing, blank or not UTF-8.
-
-    Reads line by line, so checking a multi-gigabyte file costs no memory.
-    """
-    if not os.path.isfile(path):
-        raise DataError(f"{key}: file not found: {path}")
-    has_text = False
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if number == 1 and line.startswith(b"\xef\xbb\xbf"):  # UTF-8 byte-order mark
-                line = line[3:]
-            try:
-                text = line.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(f"{key}: {path}, line {number}: not valid UTF-8 "
-                                f"(byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
-            has_text = has_text or bool(text.strip())
-    if not has_text:
-        raise DataError(f"{key}: file is empty: {path}")
-
-
 def _texts(dataset, column: str = "text") -> list[str]:
     """Non-empty documents of a `datasets` split, whitespace normalised."""
-    return [t for t in (normalize_text(t) for t in _column(dataset, column)) if t]
-
-
-def _carve(docs: list[str], counts: dict[str, int]) -> tuple[list[str], dict[str, list[str]]]:
-    """Take fixed random samples of `docs` for each of `counts`; return (rest, samples).
-
-    The sample depends only on len(docs) and the counts, not on the training seed, so
-    runs with different seeds evaluate on the same text.
-    """
-    total = sum(counts.values())
-    picked = random.Random(_CARVE_SEED).sample(range(len(docs)), total)
-    samples, start = {}, 0
-    for split, count in counts.items():
-        samples[split] = [docs[i] for i in sorted(picked[start:start + count])]
-        start += count
-    taken = set(picked)
-    return [d for i, d in enumerate(docs) if i not in taken], samples
+    return [t for t in (normalize_text(t) for t in column_as_list(dataset, column)) if t]
 
 
 def _read_builtin(cfg: LMDataConfig, cache_dir: str) -> tuple[dict[str, list[str]], list[str]]:
@@ -286,51 +228,44 @@ def _read_builtin(cfg: LMDataConfig, cache_dir: str) -> tuple[dict[str, list[str
 
 
 def _read_wikitext103(cache_dir: str) -> dict[str, list[str]]:
-    import datasets
-
-    with _quiet_datasets():
-        dataset = datasets.load_dataset("wikitext", "wikitext-103-raw-v1", cache_dir=cache_dir)
+    dataset = load_hub_dataset("wikitext", "wikitext-103-raw-v1", cache_dir, "data=local_lm")
     return {split: _texts(dataset[hf_split])
             for split, hf_split in (("train", "train"), ("valid", "validation"), ("test", "test"))}
 
 
 def _read_lm1b(num_valid: int, cache_dir: str) -> dict[str, list[str]]:
-    import datasets
-
-    with _quiet_datasets():
-        dataset = datasets.load_dataset("lm1b", cache_dir=cache_dir)
+    dataset = load_hub_dataset("lm1b", None, cache_dir, "data=local_lm")
     train = _texts(dataset["train"])
     if num_valid >= len(train):
         raise DataError(f"data.num_valid={num_valid} leaves no lm1b training sentences "
                         f"(train has {len(train)})")
-    train, carved = _carve(train, {"valid": num_valid})
-    return {"train": train, "valid": carved["valid"], "test": _texts(dataset["test"])}
+    kept, carved = carve(len(train), {"valid": num_valid})
+    return {"train": [train[i] for i in kept], "valid": [train[i] for i in carved["valid"]],
+            "test": _texts(dataset["test"])}
 
 
 def _read_local(cfg: LMDataConfig, cache_dir: str) -> dict[str, list[str]]:
     import datasets
 
-    paths = {split: _resolve_path(getattr(cfg, f"{split}_path")) for split in SPLITS}
+    paths = {split: resolve_path(getattr(cfg, f"{split}_path")) for split in SPLITS}
     if not paths["train"]:
         raise DataError("data.train_path is required when data.name=local")
     paths = {split: path for split, path in paths.items() if path}
     for split, path in paths.items():
-        check_text_file(path, f"data.{split}_path")
-    with _quiet_datasets():
+        for _ in iter_lines(path, f"data.{split}_path"):
+            pass  # only its checks: datasets reads the text
+    with quiet_datasets():
         # utf-8-sig drops a byte-order mark, which normalize_text would keep.
         dataset = datasets.load_dataset("text", data_files=paths, encoding="utf-8-sig",
                                         cache_dir=cache_dir)
     docs = {split: _texts(dataset[split]) for split in paths}
     missing = [split for split in ("valid", "test") if split not in docs]
     if missing:
-        # At most a tenth of train per carved split, as for local translation corpora.
-        wanted = {"valid": cfg.num_valid, "test": cfg.num_test}
-        counts = {split: min(wanted[split], len(docs["train"]) // 10) for split in missing}
-        docs["train"], carved = _carve(docs["train"], counts)
-        docs.update(carved)
-        logger.info("local corpus: no %s file; carved %s out of train (%d lines left)",
-                    "/".join(missing), ", ".join(f"{counts[s]} {s}" for s in missing),
-                    len(docs["train"]))
+        train = docs["train"]
+        kept, carved = carve_missing_splits(len(train), missing, cfg.num_valid, cfg.num_test,
+                                            "lines")
+        docs["train"] = [train[i] for i in kept]
+        docs.update({split: [train[i] for i in positions] for split, positions in carved.items()})
     return docs
 
 
@@ -404,14 +339,14 @@ def cached_stream(tokenizer: Tokenizer, docs: Sequence[str], cache_dir: str
 def load_lm_data(cfg: Any, seed: int = 0) -> LMData:
     """Load (generating/downloading and caching as needed) a corpus, its tokenizer and the
     token stream of every split. `seed` only orders training batches."""
-    cfg = _as_lm_config(cfg)
+    cfg = as_config(cfg, LMDataConfig)
     if cfg.seq_len < 1:
         raise DataError(f"data.seq_len must be at least 1, got {cfg.seq_len}")
     if cfg.max_tokens < cfg.seq_len:
         raise DataError(f"data.max_tokens={cfg.max_tokens} is smaller than data.seq_len="
                         f"{cfg.seq_len}; a batch must hold at least one sequence")
     start = time.perf_counter()
-    cache_dir = _resolve_path(cfg.cache_dir)
+    cache_dir = resolve_path(cfg.cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
 
     docs, tokenizer_text = _read_lm_corpus(cfg, cache_dir)

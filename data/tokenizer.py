@@ -13,14 +13,13 @@ from typing import Iterable, Sequence
 
 import sentencepiece as spm
 
+from .corpus import DataError
+
 logger = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 MODEL_TYPES = ("unigram", "bpe", "char", "word")
 MAX_TRAINING_SENTENCES = 2_000_000
-
-# How many SentencePiece models this process has trained (tests use it to check caching).
-train_count = 0
 
 
 class Tokenizer:
@@ -72,8 +71,6 @@ def train_or_load_tokenizer(texts: Sequence[str], cache_dir: str, vocab_size: in
     The cache key hashes the training text and every trainer option, so changing either
     trains a new model and an unchanged setup never retrains.
     """
-    from .corpus import DataError
-
     if model_type not in MODEL_TYPES:
         raise DataError(f"data.spm_model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     if vocab_size < 5:
@@ -93,11 +90,20 @@ def train_or_load_tokenizer(texts: Sequence[str], cache_dir: str, vocab_size: in
         digest.update(b"\n")
     directory = Path(cache_dir) / "tokenizers"
     model_path = directory / f"spm-{model_type}-{vocab_size}-{digest.hexdigest()[:16]}.model"
-    if model_path.exists():
-        return Tokenizer(str(model_path))
+    if not model_path.exists():
+        _train(texts, options, model_path)
+    tokenizer = Tokenizer(str(model_path))
+    if tokenizer.vocab_size < vocab_size:
+        # hard_vocab_limit=False lets SentencePiece stop short; say so on every load, or
+        # the configured size would pass for the model's.
+        logger.warning("data.vocab_size=%d is more than this corpus supports; SentencePiece "
+                       "used %d pieces", vocab_size, tokenizer.vocab_size)
+    return tokenizer
 
-    global train_count
-    directory.mkdir(parents=True, exist_ok=True)
+
+def _train(texts: list[str], options: dict, model_path: Path) -> None:
+    """Train SentencePiece on `texts` with `options`; write the model to `model_path`."""
+    model_path.parent.mkdir(parents=True, exist_ok=True)
     # Training from an iterator into memory keeps file paths out of the model proto,
     # so the same text and options give byte-identical model files anywhere.
     model = io.BytesIO()
@@ -107,12 +113,10 @@ def train_or_load_tokenizer(texts: Sequence[str], cache_dir: str, vocab_size: in
                                        **options)
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed: {e}") from None
-    train_count += 1
     # Write then rename so a concurrent process never loads half a model.
     tmp = f"{model_path}.tmp{os.getpid()}"
     with open(tmp, "wb") as f:
         f.write(model.getvalue())
     os.replace(tmp, model_path)
-    logger.info("trained %s SentencePiece model (vocab %d) on %d sentences -> %s",
-                model_type, vocab_size, len(texts), model_path)
-    return Tokenizer(str(model_path))
+    logger.info("trained %s SentencePiece model on %d sentences -> %s", options["model_type"],
+                len(texts), model_path)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import random
@@ -11,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from .batching import Batch, bucket_indices, collate, example_cost, shard
+from .config import as_config, resolve_path
 from .corpus import (SPLITS, DataError, drop_empty_pairs, load_jsonl_splits, load_wmt14,
                      read_local_corpus)
 from .synthetic import write_builtin_jsonl
@@ -90,43 +90,6 @@ class TranslationData:
                 for g in groups]
 
 
-def _as_data_config(cfg: Any) -> DataConfig:
-    if isinstance(cfg, DataConfig):
-        return cfg
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            cfg = OmegaConf.to_container(cfg, resolve=True)
-    except ImportError:  # omegaconf is optional for plain-dict callers
-        pass
-    if not isinstance(cfg, dict):
-        raise DataError(f"expected a DataConfig, DictConfig or dict, got {type(cfg).__name__}")
-    names = {f.name for f in dataclasses.fields(DataConfig)}
-    unknown = sorted(set(cfg) - names)
-    if unknown:
-        logger.warning("ignoring unknown data config keys: %s", ", ".join(unknown))
-    return DataConfig(**{k: v for k, v in cfg.items() if k in names})
-
-
-def _resolve_path(path: Optional[str]) -> Optional[str]:
-    """Expand ~ and, inside a Hydra job (which may chdir), anchor relative paths at the
-    directory the command was launched from."""
-    if path is None:
-        return None
-    path = os.path.expanduser(path)
-    if not os.path.isabs(path):
-        try:
-            from hydra.core.hydra_config import HydraConfig
-            from hydra.utils import to_absolute_path
-
-            if HydraConfig.initialized():
-                path = to_absolute_path(path)
-        except ImportError:
-            pass
-    return path
-
-
 def _read_corpus(cfg: DataConfig, cache_dir: str) -> dict[str, tuple[list[str], list[str]]]:
     hf_cache = os.path.join(cache_dir, "hf")
     if cfg.name == "builtin":
@@ -140,8 +103,8 @@ def _read_corpus(cfg: DataConfig, cache_dir: str) -> dict[str, tuple[list[str], 
         pair = "fr-en" if cfg.name == "wmt14_en_fr" else "de-en"
         return load_wmt14(pair, cfg.source_lang, cfg.target_lang, hf_cache)
     if cfg.name == "local":
-        paths = {split: (_resolve_path(getattr(cfg, f"{split}_path")),
-                         _resolve_path(getattr(cfg, f"{split}_target_path")))
+        paths = {split: (resolve_path(getattr(cfg, f"{split}_path")),
+                         resolve_path(getattr(cfg, f"{split}_target_path")))
                  for split in SPLITS}
         return read_local_corpus(paths, cfg.num_valid, cfg.num_test,
                                  cfg.source_lang, cfg.target_lang)
@@ -154,11 +117,11 @@ def load_translation_data(cfg: Any, seed: int = 0) -> TranslationData:
     Empty pairs and pairs longer than `max_len` tokens are dropped (counts are logged);
     valid/test are then capped at `max_valid` sentences.
     """
-    cfg = _as_data_config(cfg)
+    cfg = as_config(cfg, DataConfig)
     if cfg.max_len < 2:
         raise DataError(f"data.max_len must be at least 2, got {cfg.max_len}")
     start = time.perf_counter()
-    cache_dir = _resolve_path(cfg.cache_dir)
+    cache_dir = resolve_path(cfg.cache_dir)
     os.makedirs(cache_dir, exist_ok=True)
 
     corpus = _read_corpus(cfg, cache_dir)

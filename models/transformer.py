@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from models.embedding import TiedEmbedding
 
 
 class Attention(nn.Module):
@@ -52,15 +52,6 @@ class Block(nn.Module):
         return self._residual(x, self.norms[-1], self.ffn)
 
 
-def sinusoidal_positions(length: int, d_model: int) -> Tensor:
-    position = torch.arange(length, dtype=torch.float32)[:, None]
-    frequency = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float32) * (-math.log(10000.0) / d_model))
-    table = torch.zeros(length, d_model)
-    table[:, 0::2] = torch.sin(position * frequency)
-    table[:, 1::2] = torch.cos(position * frequency)
-    return table
-
-
 class Transformer(nn.Module):
     """Encoder-decoder with one embedding shared by source, target and output projection."""
 
@@ -69,11 +60,7 @@ class Transformer(nn.Module):
                  max_positions: int = 1024, pad_id: int = 0):
         super().__init__()
         self.d_model, self.pad_id, self.pre_norm = d_model, pad_id, pre_norm
-        self.embedding = nn.Embedding(vocab_size, d_model, padding_idx=pad_id)
-        nn.init.normal_(self.embedding.weight, std=d_model**-0.5)
-        with torch.no_grad():
-            self.embedding.weight[pad_id].zero_()
-        self.register_buffer("positions", sinusoidal_positions(max_positions, d_model), persistent=False)
+        self.embedding = TiedEmbedding(vocab_size, d_model, pad_id, max_positions, dropout)
         self.encoder = nn.ModuleList(
             Block(d_model, d_ff, heads, dropout, pre_norm, cross=False) for _ in range(encoder_layers))
         self.decoder = nn.ModuleList(
@@ -81,28 +68,21 @@ class Transformer(nn.Module):
         # Pre-norm stacks end with a LayerNorm; post-norm blocks already end normalised.
         self.encoder_norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
         self.decoder_norm = nn.LayerNorm(d_model) if pre_norm else nn.Identity()
-        self.drop = nn.Dropout(dropout)
-
-    def _embed(self, tokens: Tensor) -> Tensor:
-        length = tokens.shape[1]
-        if length > self.positions.shape[0]:
-            raise ValueError(f"sequence of {length} tokens exceeds model.max_positions={self.positions.shape[0]}")
-        return self.drop(self.embedding(tokens) * math.sqrt(self.d_model) + self.positions[:length])
 
     def encode(self, src: Tensor) -> tuple[Tensor, Tensor]:
         """Returns the encoder output and the key mask (B, 1, 1, S), True where attended."""
         mask = (src != self.pad_id)[:, None, None, :]
-        x = self._embed(src)
+        x = self.embedding(src)
         for block in self.encoder:
             x = block(x, self_mask=mask)
         return self.encoder_norm(x), mask
 
     def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
         """Logits (B, T, vocab) for every target position (causal)."""
-        x = self._embed(tgt_in)
+        x = self.embedding(tgt_in)
         for block in self.decoder:
             x = block(x, memory=memory, memory_mask=memory_mask, causal=True)
-        return self.decoder_norm(x) @ self.embedding.weight.T
+        return self.embedding.logits(self.decoder_norm(x))
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         memory, mask = self.encode(src)

@@ -1,5 +1,6 @@
 """Tests for data/: the built-in task, corpus readers, SentencePiece caching, batching."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -11,11 +12,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
-import data.tokenizer as tokenizer_module
-from data import Batch, DataConfig, DataError, load_translation_data
+from data import Batch, DataConfig, DataError, LMDataConfig, load_lm_data, load_translation_data
 from data.corpus import read_local_corpus
 from data.synthetic import (english_number, english_ordinal_suffix, english_ordinal_words,
                             french_number, generate_pairs, generate_splits, write_builtin_jsonl)
+from tests.helpers_data import (count_tokenizer_trainings, fake_hub, local_lm_config,
+                                local_translation_config, write_text)
 
 # --------------------------------------------------------------------------- number words
 
@@ -131,25 +133,25 @@ def test_tokenizer_round_trip(builtin):
             assert tok.decode(torch.tensor([tok.bos_id, *ids, tok.eos_id, tok.pad_id])) == text
 
 
-def test_tokenizer_cached_and_deterministic(tmp_path):
+def test_tokenizer_cached_and_deterministic(tmp_path, monkeypatch):
+    trainings = count_tokenizer_trainings(monkeypatch)
     cfg = DataConfig(num_train=300, num_valid=20, num_test=20, vocab_size=120,
                      cache_dir=str(tmp_path / "a"))
-    before = tokenizer_module.train_count
     first = load_translation_data(cfg)
-    assert tokenizer_module.train_count == before + 1
+    assert len(trainings) == 1
     mtime = os.stat(first.tokenizer.model_path).st_mtime_ns
     second = load_translation_data(cfg)
-    assert tokenizer_module.train_count == before + 1  # reused, not retrained
+    assert len(trainings) == 1  # reused, not retrained
     assert second.tokenizer.model_path == first.tokenizer.model_path
     assert os.stat(second.tokenizer.model_path).st_mtime_ns == mtime
     # A fresh cache trains again and must produce the identical model.
     other = load_translation_data(DataConfig(**{**vars(cfg), "cache_dir": str(tmp_path / "b")}))
-    assert tokenizer_module.train_count == before + 2
+    assert len(trainings) == 2
     with open(first.tokenizer.model_path, "rb") as a, open(other.tokenizer.model_path, "rb") as b:
         assert a.read() == b.read()
     # Changing an option trains a new model.
     load_translation_data(DataConfig(**{**vars(cfg), "vocab_size": 100}))
-    assert tokenizer_module.train_count == before + 3
+    assert [t["vocab_size"] for t in trainings] == [120, 120, 100]
 
 
 @pytest.mark.parametrize("model_type", ["bpe", "char", "word"])
@@ -180,18 +182,10 @@ def test_bad_options(tmp_path):
 
 
 def test_wmt14_mapping_without_network(tmp_path, monkeypatch):
-    import datasets
-
     rows = [{"de": f"Satz {i}", "en": f"sentence {i}"} for i in range(40)]
-    calls = []
-
-    def fake_load_dataset(path, name=None, **kwargs):
-        calls.append((path, name))
-        split = datasets.Dataset.from_dict({"translation": rows})
-        return datasets.DatasetDict(train=split, validation=split.select(range(5)),
-                                    test=split.select(range(5, 10)))
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    calls = fake_hub(monkeypatch, {"train": {"translation": rows},
+                                   "validation": {"translation": rows[:5]},
+                                   "test": {"translation": rows[5:10]}})
     td = load_translation_data(DataConfig(name="wmt14_en_de", target_lang="de", vocab_size=60,
                                           cache_dir=str(tmp_path)))
     assert calls == [("wmt14", "de-en")]
@@ -294,44 +288,35 @@ SOURCES = [f"sentence number {i}" for i in range(30)]
 TARGETS = [f"phrase numéro {i}" for i in range(30)]
 
 
-def _local(tmp_path, **paths):
-    return DataConfig(name="local", vocab_size=80, cache_dir=str(tmp_path / "cache"),
-                      **{k: str(v) for k, v in paths.items()})
-
-
-def _write(path, text):
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
 def test_local_tsv_with_carved_splits(tmp_path, caplog):
-    tsv = _write(tmp_path / "train.tsv", "".join(f"{s}\t{t}\n" for s, t in zip(SOURCES, TARGETS)))
+    tsv = write_text(tmp_path / "train.tsv", "".join(f"{s}\t{t}\n" for s, t in zip(SOURCES, TARGETS)))
     with caplog.at_level(logging.INFO, logger="data"):
-        td = load_translation_data(_local(tmp_path, train_path=tsv))
+        td = load_translation_data(local_translation_config(tmp_path, train_path=tsv))
     assert [len(td.sources[s]) for s in ("train", "valid", "test")] == [24, 3, 3]
     assert "carved" in caplog.text
     everything = {s: t for split in td.sources for s, t in zip(td.sources[split], td.targets[split])}
     assert everything == dict(zip(SOURCES, TARGETS))  # a partition: nothing lost or duplicated
-    again = load_translation_data(_local(tmp_path, train_path=tsv))
+    again = load_translation_data(local_translation_config(tmp_path, train_path=tsv))
     assert again.sources == td.sources  # carving is deterministic
 
 
 def test_local_jsonl_and_two_files(tmp_path):
-    jsonl = _write(tmp_path / "train.jsonl", "".join(
+    jsonl = write_text(tmp_path / "train.jsonl", "".join(
         json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n"
         for s, t in zip(SOURCES, TARGETS)))
-    valid = _write(tmp_path / "valid.jsonl", json.dumps({"en": "hello there", "fr": "salut"}) + "\n")
-    src = _write(tmp_path / "test.en", "one\ntwo\n")
-    tgt = _write(tmp_path / "test.fr", "un\ndeux\n")
-    td = load_translation_data(_local(tmp_path, train_path=jsonl, valid_path=valid,
+    valid = write_text(tmp_path / "valid.jsonl", json.dumps({"en": "hello there", "fr": "salut"}) + "\n")
+    src = write_text(tmp_path / "test.en", "one\ntwo\n")
+    tgt = write_text(tmp_path / "test.fr", "un\ndeux\n")
+    td = load_translation_data(local_translation_config(tmp_path, train_path=jsonl, valid_path=valid,
                                       test_path=src, test_target_path=tgt))
     assert td.sources["train"] == SOURCES and td.targets["train"] == TARGETS
     assert (td.sources["valid"], td.targets["valid"]) == (["hello there"], ["salut"])
     assert (td.sources["test"], td.targets["test"]) == (["one", "two"], ["un", "deux"])
 
-    train_src = _write(tmp_path / "train.en", "\n".join(SOURCES) + "\n")
-    train_tgt = _write(tmp_path / "train.fr", "\r\n".join(TARGETS))  # CRLF, no final newline
-    td2 = load_translation_data(_local(tmp_path, train_path=train_src, train_target_path=train_tgt))
+    train_src = write_text(tmp_path / "train.en", "\n".join(SOURCES) + "\n")
+    train_tgt = write_text(tmp_path / "train.fr", "\r\n".join(TARGETS))  # CRLF, no final newline
+    td2 = load_translation_data(local_translation_config(tmp_path, train_path=train_src,
+                                                         train_target_path=train_tgt))
     assert sum(len(td2.sources[s]) for s in td2.sources) == 30
     assert set(td2.targets["train"]) <= set(TARGETS)
 
@@ -340,10 +325,10 @@ def test_local_filtering_counts(tmp_path, caplog):
     long_source = " ".join(["word"] * 200)
     lines = [f"{s}\t{t}" for s, t in zip(SOURCES, TARGETS)]
     lines += ["\tno source", "no target\t", "", f"{long_source}\ttoo long"]
-    tsv = _write(tmp_path / "train.tsv", "\n".join(lines) + "\n")
-    valid = _write(tmp_path / "valid.tsv", "a b\tc d\n")
+    tsv = write_text(tmp_path / "train.tsv", "\n".join(lines) + "\n")
+    valid = write_text(tmp_path / "valid.tsv", "a b\tc d\n")
     with caplog.at_level(logging.INFO, logger="data"):
-        td = load_translation_data(_local(tmp_path, train_path=tsv, valid_path=valid,
+        td = load_translation_data(local_translation_config(tmp_path, train_path=tsv, valid_path=valid,
                                           test_path=valid))
     assert td.sources["train"] == SOURCES
     assert "train: dropped 3 empty pairs of 34" in caplog.text
@@ -360,30 +345,34 @@ def test_max_valid_caps_eval_splits(tmp_path):
 def test_error_missing_file(tmp_path):
     missing = tmp_path / "nope.tsv"
     with pytest.raises(DataError, match="data.train_path") as e:
-        load_translation_data(_local(tmp_path, train_path=missing))
+        load_translation_data(local_translation_config(tmp_path, train_path=missing))
     assert str(missing) in str(e.value)
     with pytest.raises(DataError, match="data.train_path is required"):
         load_translation_data(DataConfig(name="local", cache_dir=str(tmp_path)))
-    ok = _write(tmp_path / "ok.en", "a\n")
+    ok = write_text(tmp_path / "ok.en", "a\n")
     with pytest.raises(DataError, match="data.valid_target_path") as e:
-        load_translation_data(_local(tmp_path, train_path=ok, train_target_path=ok,
+        load_translation_data(local_translation_config(tmp_path, train_path=ok, train_target_path=ok,
                                      valid_path=ok, valid_target_path=tmp_path / "x.fr"))
     assert "x.fr" in str(e.value)
 
 
-@pytest.mark.parametrize("content", ["", "\n\n  \n"])
-def test_error_empty_file(tmp_path, content):
-    empty = _write(tmp_path / "train.tsv", content)
-    with pytest.raises(DataError, match="empty") as e:
-        load_translation_data(_local(tmp_path, train_path=empty))
+@pytest.mark.parametrize("content", ["", "\n\n  \n", "\n \n\t\n"])
+@pytest.mark.parametrize("load, config, name", [
+    (load_translation_data, local_translation_config, "train.tsv"),
+    (load_lm_data, local_lm_config, "train.txt"),
+])
+def test_error_empty_file(tmp_path, content, load, config, name):
+    empty = write_text(tmp_path / name, content)
+    with pytest.raises(DataError, match="data.train_path: file is empty") as e:
+        load(config(tmp_path, train_path=empty))
     assert str(empty) in str(e.value)
 
 
 def test_error_misaligned(tmp_path):
-    src = _write(tmp_path / "train.en", "a\nb\nc\n")
-    tgt = _write(tmp_path / "train.fr", "a\nb\n")
+    src = write_text(tmp_path / "train.en", "a\nb\nc\n")
+    tgt = write_text(tmp_path / "train.fr", "a\nb\n")
     with pytest.raises(DataError, match="not aligned") as e:
-        load_translation_data(_local(tmp_path, train_path=src, train_target_path=tgt))
+        load_translation_data(local_translation_config(tmp_path, train_path=src, train_target_path=tgt))
     message = str(e.value)
     assert str(src) in message and str(tgt) in message and "3 lines" in message and "2 lines" in message
 
@@ -392,27 +381,27 @@ def test_error_not_utf8(tmp_path):
     bad = tmp_path / "train.tsv"
     bad.write_bytes("ok\tbien\nçà\tlà\n".encode("utf-8") + b"caf\xe9\tcaf\xc3\xa9\n")
     with pytest.raises(DataError, match="UTF-8") as e:
-        load_translation_data(_local(tmp_path, train_path=bad))
+        load_translation_data(local_translation_config(tmp_path, train_path=bad))
     assert str(bad) in str(e.value) and "line 3" in str(e.value)
 
 
 def test_error_malformed_lines(tmp_path):
-    tsv = _write(tmp_path / "train.tsv", "a\tb\nno tab here\n")
+    tsv = write_text(tmp_path / "train.tsv", "a\tb\nno tab here\n")
     with pytest.raises(DataError, match="line 2"):
-        load_translation_data(_local(tmp_path, train_path=tsv))
-    jsonl = _write(tmp_path / "train.jsonl", '{"source": "a", "target": "b"}\n{"source": 1}\n')
+        load_translation_data(local_translation_config(tmp_path, train_path=tsv))
+    jsonl = write_text(tmp_path / "train.jsonl", '{"source": "a", "target": "b"}\n{"source": 1}\n')
     with pytest.raises(DataError, match="line 2"):
-        load_translation_data(_local(tmp_path, train_path=jsonl))
-    txt = _write(tmp_path / "train.txt", "a\n")
+        load_translation_data(local_translation_config(tmp_path, train_path=jsonl))
+    txt = write_text(tmp_path / "train.txt", "a\n")
     with pytest.raises(DataError, match="train_target_path"):
-        load_translation_data(_local(tmp_path, train_path=txt))
+        load_translation_data(local_translation_config(tmp_path, train_path=txt))
 
 
 def test_error_is_one_line(tmp_path):
     bad = tmp_path / "train.jsonl"
     bad.write_text('{"source": "a",\n "target": "b"}\n', encoding="utf-8")
     with pytest.raises(DataError) as e:
-        load_translation_data(_local(tmp_path, train_path=bad))
+        load_translation_data(local_translation_config(tmp_path, train_path=bad))
     assert "\n" not in str(e.value) and isinstance(e.value, ValueError)
 
 
@@ -477,3 +466,63 @@ def test_local_reader_loads_or_raises_data_error(files):
             for text in sources + targets:
                 assert isinstance(text, str) and text == text.strip() and "\n" not in text
                 text.encode("utf-8")  # no lone surrogates reach the tokenizer
+
+
+# --------------------------------------------------------------------------- no network
+
+
+def _offline_errors():
+    """What `datasets.load_dataset` raises without network, in the installed versions."""
+    import huggingface_hub.errors
+    import requests
+
+    return [
+        ConnectionError("Couldn't reach 'wmt14' on the Hub (LocalEntryNotFoundError)"),
+        huggingface_hub.errors.OfflineModeIsEnabled("Cannot reach https://huggingface.co: offline mode"),
+        requests.exceptions.ConnectionError("Max retries exceeded with url: /datasets/wmt14"),
+    ]
+
+
+@pytest.mark.parametrize("error", _offline_errors(), ids=lambda e: type(e).__name__)
+@pytest.mark.parametrize("load, schema, name, hub_name, local_option", [
+    (load_translation_data, DataConfig, "wmt14_en_fr", "'wmt14', 'fr-en'", "data=local"),
+    (load_lm_data, LMDataConfig, "wikitext103", "'wikitext', 'wikitext-103-raw-v1'",
+     "data=local_lm"),
+    (load_lm_data, LMDataConfig, "lm1b", "'lm1b'", "data=local_lm"),
+], ids=["wmt14_en_fr", "wikitext103", "lm1b"])
+def test_hub_corpus_without_network_is_one_line_data_error(tmp_path, monkeypatch, error, load,
+                                                           schema, name, hub_name, local_option):
+    fake_hub(monkeypatch, error=error)
+    with pytest.raises(DataError) as e:
+        load(schema(name=name, cache_dir=str(tmp_path)))
+    message = str(e.value)
+    assert "\n" not in message and "could not download" in message
+    hf_cache = os.path.join(str(tmp_path), "hf")
+    assert f"datasets.load_dataset({hub_name}, cache_dir={hf_cache!r})" in message
+    assert "HF_DATASETS_OFFLINE=1" in message and local_option in message
+
+
+# --------------------------------------------------------------------------- vocabulary size
+
+
+@pytest.mark.parametrize("load, config, line", [
+    (load_translation_data, local_translation_config, "{i} cats\tchats {i}"),
+    (load_lm_data, local_lm_config, "{i} cats"),
+])
+def test_vocab_size_larger_than_the_corpus_says_what_was_used(tmp_path, caplog, load, config,
+                                                             line):
+    train = write_text(tmp_path / ("train.tsv" if "\t" in line else "train.txt"),
+                       "".join(line.format(i=i) + "\n" for i in range(60)))
+    for attempt in ("trained", "cached"):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="data"):
+            loaded = load(dataclasses.replace(config(tmp_path, train_path=train), vocab_size=8000))
+        pieces = loaded.tokenizer.vocab_size
+        assert pieces == loaded.tokenizer._sp.get_piece_size() < 8000
+        assert (f"data.vocab_size=8000 is more than this corpus supports; SentencePiece used "
+                f"{pieces} pieces") in caplog.text, attempt
+        assert "vocab 8000" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="data"):
+        load(dataclasses.replace(config(tmp_path, train_path=train), vocab_size=pieces))
+    assert "more than this corpus supports" not in caplog.text

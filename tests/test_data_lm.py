@@ -7,10 +7,10 @@ import torch
 from omegaconf import OmegaConf
 
 import data.lm
-import data.tokenizer as tokenizer_module
 from data import DataError, LMBatch, LMDataConfig, load_lm_data
 from data.lm import LMData, encode_stream
 from data.synthetic import generate_splits
+from tests.helpers_data import count_tokenizer_trainings, fake_hub, local_lm_config, write_text
 
 SEQ_LEN, MAX_TOKENS = 16, 128  # 8 sequences per batch
 
@@ -55,9 +55,9 @@ def test_builtin_documents_are_both_sides_of_the_generator(builtin):
 
 
 def test_builtin_is_deterministic_and_cached(tmp_path, builtin, monkeypatch):
-    trained = tokenizer_module.train_count
+    trainings = count_tokenizer_trainings(monkeypatch)
     again = load_lm_data(_config(tmp_path), seed=0)
-    assert tokenizer_module.train_count == trained + 1
+    assert len(trainings) == 1
     for split in ("train", "valid", "test"):
         assert torch.equal(again.streams[split], builtin.streams[split])
     with open(again.tokenizer.model_path, "rb") as f, open(builtin.tokenizer.model_path, "rb") as g:
@@ -67,7 +67,7 @@ def test_builtin_is_deterministic_and_cached(tmp_path, builtin, monkeypatch):
 
     monkeypatch.setattr(data.lm, "encode_stream", no_encoding)
     cached = load_lm_data(_config(tmp_path), seed=0)
-    assert tokenizer_module.train_count == trained + 1  # cached model, not retrained
+    assert len(trainings) == 1  # cached model, not retrained
     assert torch.equal(cached.streams["train"], builtin.streams["train"])
     assert cached.num_documents == builtin.num_documents
 
@@ -210,27 +210,17 @@ def test_bad_options(tmp_path):
 # --------------------------------------------------------------------------- local files
 
 
-def _write(path, text: str):
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def _local(tmp_path, **overrides) -> LMDataConfig:
-    return _config(tmp_path / "cache", name="local", vocab_size=60, num_valid=5, num_test=5,
-                   **{k: str(v) for k, v in overrides.items()})
-
-
 def test_local_files_with_carved_splits(tmp_path):
     lines = [f"line number {i} says hello" for i in range(100)]
-    train = _write(tmp_path / "train.txt", "\ufeff" + "\n".join(lines[:50]) + "\n\n  \n"
+    train = write_text(tmp_path / "train.txt", "\ufeff" + "\n".join(lines[:50]) + "\n\n  \n"
                    + "\n".join(lines[50:]) + "\n")
-    ld = load_lm_data(_local(tmp_path, train_path=train))
+    ld = load_lm_data(local_lm_config(tmp_path, train_path=train))
     assert ld.num_documents == {"train": 90, "valid": 5, "test": 5}
     decoded = {s: [ld.tokenizer.decode(d) for d in _documents(ld.streams[s])] for s in ld.streams}
     assert sorted(decoded["train"] + decoded["valid"] + decoded["test"]) == sorted(lines)
-    docs = data.lm._read_local(_local(tmp_path, train_path=train), str(tmp_path / "hf"))
+    docs = data.lm._read_local(local_lm_config(tmp_path, train_path=train), str(tmp_path / "hf"))
     assert not any("\ufeff" in d for split in docs.values() for d in split)  # BOM dropped
-    again = load_lm_data(_local(tmp_path, train_path=train))
+    again = load_lm_data(local_lm_config(tmp_path, train_path=train))
     assert all(torch.equal(again.streams[s], ld.streams[s]) for s in ld.streams)
 
 
@@ -247,43 +237,35 @@ def _documents(stream: torch.Tensor) -> list[list[int]]:
 
 
 def test_local_files_with_all_splits(tmp_path):
-    train = _write(tmp_path / "train.txt", "".join(f"the cat sat on mat {i}\n" for i in range(40)))
-    valid = _write(tmp_path / "valid.txt", "a dog\n\nthe cat\n")
-    test = _write(tmp_path / "test.txt", "mat\n")
-    ld = load_lm_data(_local(tmp_path, train_path=train, valid_path=valid, test_path=test))
+    train = write_text(tmp_path / "train.txt", "".join(f"the cat sat on mat {i}\n" for i in range(40)))
+    valid = write_text(tmp_path / "valid.txt", "a dog\n\nthe cat\n")
+    test = write_text(tmp_path / "test.txt", "mat\n")
+    ld = load_lm_data(local_lm_config(tmp_path, train_path=train, valid_path=valid, test_path=test))
     assert ld.num_documents == {"train": 40, "valid": 2, "test": 1}
     assert [ld.tokenizer.decode(d) for d in _documents(ld.streams["test"])] == ["mat"]
     # Same tokenizer, edited valid text: re-tokenised, not served from the stream cache.
-    _write(valid, "the mat\n")
-    edited = load_lm_data(_local(tmp_path, train_path=train, valid_path=valid, test_path=test))
+    write_text(valid, "the mat\n")
+    edited = load_lm_data(local_lm_config(tmp_path, train_path=train, valid_path=valid, test_path=test))
     assert edited.tokenizer.model_path == ld.tokenizer.model_path
     assert [edited.tokenizer.decode(d) for d in _documents(edited.streams["valid"])] == ["the mat"]
 
 
 def test_local_error_missing_file(tmp_path):
-    train = _write(tmp_path / "train.txt", "some text\n")
+    train = write_text(tmp_path / "train.txt", "some text\n")
     missing = tmp_path / "nope.txt"
     with pytest.raises(DataError, match="data.valid_path") as e:
-        load_lm_data(_local(tmp_path, train_path=train, valid_path=missing))
+        load_lm_data(local_lm_config(tmp_path, train_path=train, valid_path=missing))
     assert str(missing) in str(e.value) and "not found" in str(e.value)
     with pytest.raises(DataError, match="data.train_path is required"):
         load_lm_data(_config(tmp_path, name="local"))
 
 
-@pytest.mark.parametrize("content", ["", "\n \n\t\n"])
-def test_local_error_empty_file(tmp_path, content):
-    empty = _write(tmp_path / "train.txt", content)
-    with pytest.raises(DataError, match="data.train_path: file is empty") as e:
-        load_lm_data(_local(tmp_path, train_path=empty))
-    assert str(empty) in str(e.value)
-
-
 def test_local_error_not_utf8(tmp_path):
-    train = _write(tmp_path / "train.txt", "fine\n")
+    train = write_text(tmp_path / "train.txt", "fine\n")
     bad = tmp_path / "test.txt"
     bad.write_bytes("ok\nçà\n".encode("utf-8") + b"caf\xe9\n")
     with pytest.raises(DataError, match="data.test_path") as e:
-        load_lm_data(_local(tmp_path, train_path=train, test_path=bad))
+        load_lm_data(local_lm_config(tmp_path, train_path=train, test_path=bad))
     message = str(e.value)
     assert str(bad) in message and "line 3" in message and "UTF-8" in message
     assert "\n" not in message
@@ -292,29 +274,11 @@ def test_local_error_not_utf8(tmp_path):
 # --------------------------------------------------------------------------- hub corpora
 
 
-def _fake_hub(monkeypatch, splits: dict[str, list[str]]):
-    """Replace datasets.load_dataset for hub names; local builders pass through."""
-    import datasets
-
-    real = datasets.load_dataset
-    calls = []
-
-    def fake_load_dataset(path, name=None, **kwargs):
-        if path in ("json", "text"):
-            return real(path, name, **kwargs)
-        calls.append((path, name))
-        return datasets.DatasetDict({split: datasets.Dataset.from_dict({"text": texts})
-                                     for split, texts in splits.items()})
-
-    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    return calls
-
-
 def test_wikitext103_mapping_without_network(tmp_path, monkeypatch):
     raw = ["", " = Valkyria Chronicles = \n", "", " The game began in 2010 . \n",
            " = = Gameplay = = \n", " It is played in turns . \n", ""]
-    calls = _fake_hub(monkeypatch, {"train": raw * 5, "validation": raw[:4],
-                                    "test": [" Senjō no Valkyria . \n", ""]})
+    calls = fake_hub(monkeypatch, {"train": {"text": raw * 5}, "validation": {"text": raw[:4]},
+                                   "test": {"text": [" Senjō no Valkyria . \n", ""]}})
     ld = load_lm_data(_config(tmp_path, name="wikitext103", vocab_size=60))
     assert calls == [("wikitext", "wikitext-103-raw-v1")]
     # Empty lines dropped, headings kept, whitespace normalised.
@@ -325,7 +289,8 @@ def test_wikitext103_mapping_without_network(tmp_path, monkeypatch):
 
 def test_lm1b_valid_carved_from_train(tmp_path, monkeypatch):
     train = [f"sentence {i} of the news" for i in range(200)]
-    calls = _fake_hub(monkeypatch, {"train": train + [""], "test": ["a test sentence"]})
+    calls = fake_hub(monkeypatch, {"train": {"text": train + [""]},
+                                   "test": {"text": ["a test sentence"]}})
     ld = load_lm_data(_config(tmp_path, name="lm1b", vocab_size=60, num_valid=20))
     assert calls == [("lm1b", None)]
     assert ld.num_documents == {"train": 180, "valid": 20, "test": 1}

@@ -1,14 +1,12 @@
 """The decoder-only language model: shapes, causality, pad handling, and that SM3 trains it."""
 
-import sys
-from pathlib import Path
-
+import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.transformer_lm import TransformerLM  # noqa: E402
-from sm3 import SM3  # noqa: E402
+from models.embedding import TiedEmbedding
+from models.transformer import Transformer
+from models.transformer_lm import TransformerLM
+from sm3 import SM3
 
 VOCAB, PAD = 40, 0
 
@@ -24,6 +22,23 @@ def test_logit_shapes_and_tied_embedding():
     assert model(tokens).shape == (3, 9, VOCAB)
     names = [name for name, _ in model.named_parameters()]
     assert sum("embedding" in name for name in names) == 1  # the output projection is the embedding
+
+
+def test_both_models_share_one_embedding_and_its_position_limit():
+    lm = _model(max_positions=8).eval()
+    torch.manual_seed(0)
+    translation = Transformer(VOCAB, d_model=32, d_ff=64, heads=4, encoder_layers=1, decoder_layers=1,
+                              dropout=0.0, max_positions=8, pad_id=PAD).eval()
+    tokens = torch.randint(1, VOCAB, (2, 8))
+    for model in (lm, translation):
+        assert type(model.embedding) is TiedEmbedding
+        assert not model.embedding.weight[PAD].any()  # pad embeds to zero (plus its position)
+        assert "embedding.weight" in model.state_dict()  # checkpoint keys unchanged by the shared class
+    torch.testing.assert_close(translation.embedding(tokens), lm.embedding(tokens))  # same seed, same draw
+    with pytest.raises(ValueError, match="max_positions=8"):
+        lm(torch.randint(1, VOCAB, (1, 9)))
+    with pytest.raises(ValueError, match="max_positions=8"):
+        translation(tokens, torch.randint(1, VOCAB, (2, 9)))
 
 
 def test_changing_a_future_token_leaves_earlier_logits_unchanged():
