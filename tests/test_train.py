@@ -133,6 +133,21 @@ def test_end_to_end_run_directory_and_exact_resume(tmp_path, tiny, train_cli, me
                             cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert len(result.stdout.splitlines()) == 2 and "BLEU" in result.stderr
+    # a truncated last.pt: read as training resumes, the newest readable step file instead
+    last = straight / "checkpoints" / "last.pt"
+    data = last.read_bytes()
+    last.unlink()  # a hard link to the newest step file: replace it, do not truncate both
+    last.write_bytes(data[: len(data) // 2])
+    translate = [sys.executable, str(ROOT / "scripts" / "translate.py"), str(straight), "--input", str(sources)]
+    fallback = subprocess.run(translate, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert fallback.returncode == 0, fallback.stderr
+    assert len(fallback.stdout.splitlines()) == 2
+    assert "skipping" in fallback.stderr and "last.pt" in fallback.stderr
+    for step_file in (straight / "checkpoints").glob("step-*.pt"):
+        step_file.write_bytes(b"garbage")
+    broken = subprocess.run(translate, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert broken.returncode != 0 and "Traceback" not in broken.stderr
+    assert broken.stderr.strip().splitlines()[-1].startswith("error: no readable checkpoint")
 
     resumed = tmp_path / "resumed"
     first = train_cli(common + ["trainer.max_steps=3", f"hydra.run.dir={resumed}"], tmp_path)
@@ -146,6 +161,7 @@ def test_bad_config_gives_a_clear_error(tmp_path, train_cli):
     result = train_cli(["trainer.max_stesp=5"], tmp_path, check=False)
     assert result.returncode == 2 and "max_stesp" in result.stderr + result.stdout
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith("error: ")  # every error line, config ones too
     result = train_cli(["optim=adamw"], tmp_path, check=False)
     out = result.stderr + result.stdout
     assert result.returncode == 2 and "adamw" in out and "sm3" in out  # lists the valid choices
