@@ -243,10 +243,27 @@ def check_divergence(run: Run, result: StepResult, bad_in_a_row: int, bar) -> No
             ". Lower optim.lr, set trainer.clip_norm, or check the data")
 
 
+PACE_STEPS = 10  # steps timed (after the first) before the run says what its budget buys
+
+
+def pace_report(cfg, step: int, seconds_per_step: float, started: float) -> str:
+    """What the measured step time means for this run: how long its steps take, or how many fit its budget."""
+    trainer, left = cfg.trainer, cfg.trainer.max_steps - step
+    line = f"step {step}: {seconds_per_step:.3g} s a step"
+    if trainer.max_minutes is None:
+        return f"{line}: the remaining {left} steps take ~{left * seconds_per_step / 60:.1f} min"
+    fit = step + int(max(0.0, 60 * trainer.max_minutes - (time.time() - started)) / seconds_per_step)
+    if fit >= trainer.max_steps:
+        return f"{line}: all trainer.max_steps={trainer.max_steps} fit in trainer.max_minutes={trainer.max_minutes}"
+    return (f"{line}: only ~{fit} of trainer.max_steps={trainer.max_steps} fit in trainer.max_minutes="
+            f"{trainer.max_minutes}; the run stops there and evaluates (trainer.max_minutes=null trains them all; "
+            "a smaller model, such as model=transformer_tiny on a CPU, fits the budget)")
+
+
 def train_loop(run: Run, preemption: Preemption, started: float) -> float:
     """Steps until trainer.max_steps (or max_minutes, or a signal); returns the seconds spent in steps."""
     trainer, state = run.cfg.trainer, run.state
-    batches, bad_in_a_row = TrainBatches(run), 0
+    batches, bad_in_a_row, first_step, paced_from = TrainBatches(run), 0, state.step, 0.0
     train_seconds, window_tokens, window_seconds = 0.0, 0, 0.0
     with tqdm(total=trainer.max_steps, initial=state.step, dynamic_ncols=True,
               disable=not (run.is_main and trainer.progress and sys.stderr.isatty())) as bar:
@@ -262,6 +279,10 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> float:
             train_seconds, window_tokens, window_seconds = (train_seconds + seconds, window_tokens + result.tokens,
                                                             window_seconds + seconds)
             bar.update(1)
+            if state.step == first_step + 1:  # the first step pays one-time costs (kernel builds, allocations)
+                paced_from = train_seconds
+            if run.is_main and state.step == first_step + 1 + PACE_STEPS:
+                bar.write(pace_report(run.cfg, state.step, (train_seconds - paced_from) / PACE_STEPS, started))
             if not result.finite:
                 check_divergence(run, result, bad_in_a_row, bar)
             elif state.step % trainer.log_interval == 0 or state.step == trainer.max_steps:

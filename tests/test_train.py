@@ -214,3 +214,16 @@ def test_lm_learns_on_builtin_data(tmp_path, tiny_lm, train_cli, metrics):
 def test_model_and_data_kinds_must_match(tmp_path, args, needs, train_cli):
     result = train_cli(args + ["logger=none"], tmp_path, check=False)
     assert result.returncode == 2 and needs in result.stderr and "Traceback" not in result.stderr
+
+
+def test_the_run_says_early_what_its_time_budget_buys(compose):
+    import time
+
+    from train import pace_report
+
+    cfg = compose(["model=transformer", "trainer.max_steps=2000", "trainer.max_minutes=12"])
+    slow = pace_report(cfg, 11, 1.4, started=time.time())  # the base model's step on a 2-core CPU
+    assert "only ~52" in slow and "of trainer.max_steps=2000" in slow and "model=transformer_tiny" in slow
+    assert "all trainer.max_steps=2000 fit" in pace_report(cfg, 11, 0.07, started=time.time())
+    cfg.trainer.max_minutes = None
+    assert "the remaining 1989 steps take ~2.3 min" in pace_report(cfg, 11, 0.07, started=time.time())
