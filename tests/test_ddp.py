@@ -49,3 +49,26 @@ def test_slurm_tasks_become_torchrun_ranks(monkeypatch):
     before = dict(os.environ)
     slurm_to_torchrun_environment()  # torchrun's variables, once set, are left alone
     assert dict(os.environ) == before
+
+
+def test_collectives_of_the_loop_use_the_backends_device(monkeypatch):
+    """Under NCCL (every multi-GPU run) a collective on a CPU tensor raises: the loop, the checkpointer and the
+    optimizer's trainer-side reductions all go through trainer.distributed, which puts the tensor on the GPU."""
+    import re
+    from pathlib import Path
+
+    import torch
+
+    from trainer import distributed
+
+    root = Path(__file__).resolve().parents[1]
+    direct = [f"{path.relative_to(root)}:{number}" for path in [root / "train.py", *(root / "trainer").glob("*.py")]
+              if path.name != "distributed.py"
+              for number, line in enumerate(path.read_text().splitlines(), 1)
+              if re.search(r"\bdist\.(all_reduce|all_gather|broadcast|reduce_scatter|reduce)\(", line)]
+    assert direct == [], "collectives outside trainer/distributed.py: " + ", ".join(direct)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert distributed.collective_device() == torch.device("cuda", 3)
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: "gloo")
+    assert distributed.collective_device() == torch.device("cpu")

@@ -38,7 +38,7 @@ def slurm_to_torchrun_environment() -> None:
 
 
 def init_distributed(device: torch.device, fsdp: bool = False) -> tuple[int, int]:
-    """(rank, world size): torchrun (or SLURM, see above) sets WORLD_SIZE; NCCL on CUDA, gloo on CPU.
+    """(rank, world size): torchrun (or SLURM, see above) sets WORLD_SIZE; NCCL (and gloo) on CUDA, gloo on CPU.
     FSDP needs a process group even for a single torchrun process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if fsdp and "WORLD_SIZE" not in os.environ:
@@ -47,7 +47,8 @@ def init_distributed(device: torch.device, fsdp: bool = False) -> tuple[int, int
     if (world_size > 1 or fsdp) and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # On GPUs NCCL carries the CUDA tensors, and gloo any CPU tensor (DCP's planning, a stray scalar).
+        dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank(), world_size) if dist.is_initialized() else (0, 1)
 
 
@@ -67,7 +68,7 @@ def shard_model(model: torch.nn.Module, device: torch.device, blocks, forward_me
 
 
 def collective_device() -> torch.device:
-    """Where a collective's tensor must live for the default process group's backend."""
+    """Where a collective's tensor must live for the default process group's backend: NCCL takes CUDA tensors only."""
     if "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
