@@ -125,6 +125,8 @@ def set_up(cfg, run_dir: Path) -> Run:
     net = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
         if world_size > 1 and not fsdp else model
+    if trainer.compile:  # checkpoints and evaluation use `model` itself: no compiled-module names in them
+        net = torch.compile(net)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg, model, optimizer, scheduler, averaged, sharded=fsdp,
                                 is_main=rank == 0, keep=trainer.keep_checkpoints,
                                 interval=trainer.checkpoint_interval, minutes=trainer.checkpoint_minutes)
@@ -174,7 +176,8 @@ def train_step(run: Run, batches: TrainBatches) -> StepResult:
         last_micro = micro == trainer.grad_accum - 1
         if run.fsdp:
             model.set_requires_gradient_sync(last_micro)
-        with run.autocast(), (contextlib.nullcontext() if run.net is model or last_micro else run.net.no_sync()):
+        ddp_skips_sync = run.world_size > 1 and not run.fsdp and not last_micro
+        with run.autocast(), (run.net.no_sync() if ddp_skips_sync else contextlib.nullcontext()):
             loss = run.task.train_loss(run.net, batch)
             if run.state.step + 1 in trainer.debug_nan_steps:
                 loss = loss * float("nan")

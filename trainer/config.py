@@ -122,6 +122,7 @@ class TrainerConfig:
     # gradients) and slow x86 arithmetic: the tiny model's steps measured ~20% slower without this.
     flush_denormal: bool = True
     grad_accum: int = 1
+    compile: bool = False  # torch.compile the model's training forward (and backward); evaluation stays eager
     parallel: Parallel = Parallel.ddp  # fsdp: sharded training and checkpoints (needs torchrun)
     clip_norm: Optional[float] = None
     log_interval: int = 10
