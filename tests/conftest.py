@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -106,3 +107,16 @@ def one_line_error():
         return errors[0]
 
     return one_line_error
+
+
+@pytest.fixture(scope="session")
+def wait_for():
+    """``wait_for(predicate, process, timeout)``: poll until ``predicate()``, failing if ``process`` ends first."""
+    def wait_for(predicate, process, timeout=240):
+        deadline = time.time() + timeout
+        while not predicate():
+            assert process.poll() is None, process.communicate()
+            assert time.time() < deadline, "timed out"
+            time.sleep(0.05)
+
+    return wait_for

@@ -10,8 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -173,21 +171,14 @@ def test_resuming_with_another_optimizer_is_refused_before_anything_is_written(t
     assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
-def _wait_for(predicate, process, timeout=240):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-def test_sigterm_stops_a_multirun_and_the_same_command_resumes_then_skips(tmp_path, tiny, train_cli, metrics):
+def test_sigterm_stops_a_multirun_and_the_same_command_resumes_then_skips(tmp_path, tiny, train_cli, metrics,
+                                                                           wait_for):
     sweep = tmp_path / "sweep"
     args = ["-m", "optim=sm3,adam", *tiny, "trainer.max_steps=30", "trainer.eval_interval=1000",
             "trainer.checkpoint_interval=1", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=job${hydra.job.num}"]
     process = subprocess.Popen(train_cli.command(args), cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    _wait_for(lambda: step_files(sweep / "job0" / "checkpoints"), process)
+    wait_for(lambda: step_files(sweep / "job0" / "checkpoints"), process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, out + err

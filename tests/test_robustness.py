@@ -100,15 +100,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, container):
 
 # --- the real command line --------------------------------------------------------------------
 
-def _wait_for(predicate, process, timeout=120):
-    deadline = time.time() + timeout
-    while not predicate():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, "timed out"
-        time.sleep(0.05)
-
-
-def test_sigkill_mid_save_then_sigterm_then_double_sigint(tmp_path, tiny, train_cli):
+def test_sigkill_mid_save_then_sigterm_then_double_sigint(tmp_path, tiny, train_cli, wait_for):
     run_dir = tmp_path / "run"
     args = ["trainer.max_steps=100000", "trainer.checkpoint_interval=1", "trainer.keep_checkpoints=2",
             f"hydra.run.dir={run_dir}"]
@@ -123,7 +115,7 @@ def test_sigkill_mid_save_then_sigterm_then_double_sigint(tmp_path, tiny, train_
 
     # saving every step, so SIGKILL lands in or near a save
     process = popen()
-    _wait_for(lambda: len(steps_saved()) >= 2, process)
+    wait_for(lambda: len(steps_saved()) >= 2, process)
     time.sleep(0.13)
     process.kill()
     process.communicate()
@@ -131,7 +123,7 @@ def test_sigkill_mid_save_then_sigterm_then_double_sigint(tmp_path, tiny, train_
     # it resumes; SIGTERM: the step finishes, a checkpoint is written, exit 143 for requeue
     before = max(steps_saved())
     process = popen()
-    _wait_for(lambda: max(steps_saved(), default=0) > before, process)
+    wait_for(lambda: max(steps_saved(), default=0) > before, process)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 143, out + err
@@ -144,7 +136,7 @@ def test_sigkill_mid_save_then_sigterm_then_double_sigint(tmp_path, tiny, train_
     # it resumes where SIGTERM stopped; a second signal exits at once, without a checkpoint.
     # (Two different signals: the OS merges a repeated pending one into a single delivery.)
     process = popen()
-    _wait_for(lambda: max(steps_saved()) > stopped_at, process)
+    wait_for(lambda: max(steps_saved()) > stopped_at, process)
     process.send_signal(signal.SIGINT)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)

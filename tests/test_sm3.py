@@ -1,7 +1,6 @@
 """The SM3 optimizer against the plain reference, hand-computed values and its contracts."""
 
 import io
-import itertools
 import math
 
 import pytest
