@@ -1,6 +1,7 @@
 """The SM3 optimizer against the plain reference, hand-computed values and its contracts."""
 
 import io
+import itertools
 import math
 
 import pytest
