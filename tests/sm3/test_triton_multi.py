@@ -2,13 +2,7 @@
 many mixed parameters in one call against ``SM3(fused=False)``, and a launch count that does not
 grow with the number of parameters."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
-
-import pytest
 
 _CHECK = textwrap.dedent(
     """
@@ -115,12 +109,7 @@ _CHECK = textwrap.dedent(
 )
 
 
-def test_one_call_steps_many_mixed_parameters_with_constant_launches():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True,
-                            text=True, timeout=300)
+def test_one_call_steps_many_mixed_parameters_with_constant_launches(triton_interpreter):
+    result = triton_interpreter(_CHECK)
     assert result.returncode == 0 and "triton-multi-ok" in result.stdout, (
         result.stdout[-2000:] + result.stderr[-3000:])

@@ -1,12 +1,8 @@
 """The fused SM3 step (C++/OpenMP on CPU, Triton on CUDA) against the default path and the
 reference: numbers, state layout, fallbacks, and no recompilation under torch.compile."""
 
-import os
-import subprocess
-import sys
 import textwrap
 import zlib
-from pathlib import Path
 
 import pytest
 import torch
@@ -212,13 +208,8 @@ _TRITON_CHECK = textwrap.dedent(
 )
 
 
-def test_triton_kernel_under_the_interpreter():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(root), str(root / "tests"), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", _TRITON_CHECK], env=env, capture_output=True,
-                            text=True, timeout=300)
+def test_triton_kernel_under_the_interpreter(triton_interpreter):
+    result = triton_interpreter(_TRITON_CHECK)
     assert result.returncode == 0 and "triton-ok" in result.stdout, result.stderr[-3000:]
 
 
