@@ -182,6 +182,7 @@ _TRITON_CHECK = textwrap.dedent(
     """
     import torch
     from sm3 import _triton
+    from sm3._hyperparams import Hyperparams
     from sm3.optimizer import _accumulators, _init_state
     from reference_sm3 import ReferenceSM3
 
@@ -197,7 +198,7 @@ _TRITON_CHECK = textwrap.dedent(
                 for _ in range(3):
                     g = torch.randn(shape, generator=gen).to(dtype)
                     _triton.fused_step([p], [g], _accumulators(p, state), buffers,
-                                       0.1, mom, beta, 1e-30, wd, mx)
+                                       Hyperparams(0.1, mom, beta, 1e-30, wd, mx))
                     expected = ref.step(0, expected, g.float())
                 tol = 1e-5 if dtype == torch.float32 else 2e-2
                 torch.testing.assert_close(p.double(), expected, rtol=tol, atol=tol)

@@ -8,6 +8,7 @@ _CHECK = textwrap.dedent(
     """
     import torch
     from sm3 import SM3, _triton
+    from sm3._hyperparams import Hyperparams
     from sm3.optimizer import _accumulators, _init_state
 
     launches = []
@@ -74,8 +75,8 @@ _CHECK = textwrap.dedent(
             opt.step()
             accs = [a for p, s in zip(params, states) for a in _accumulators(p, s)]
             del launches[:]
-            _triton.fused_step(params, grads, accs, buffers, lr, h["momentum"], h["beta"], eps,
-                               h["weight_decay"], h["maximize"])
+            _triton.fused_step(params, grads, accs, buffers,
+                               Hyperparams(lr, h["momentum"], h["beta"], eps, h["weight_decay"], h["maximize"]))
             # Groups: (rank 2 or 0/1) x 2 dtypes x (aligned or not), whatever the count.
             assert 0 < len(launches) <= 8, len(launches)
             for i, (p, q) in enumerate(zip(params, plain)):
@@ -101,7 +102,7 @@ _CHECK = textwrap.dedent(
         accs = [a for p, s in zip(params, states) for a in _accumulators(p, s)]
         grads = [torch.randn_like(p) for p in params]
         del launches[:]
-        _triton.fused_step(params, grads, accs, [], lr, 0.0, 0.0, eps, 0.0, False)
+        _triton.fused_step(params, grads, accs, [], Hyperparams(lr, 0.0, 0.0, eps, 0.0, False))
         counts.append(len(launches))
     assert counts[0] == counts[1] == 8, counts
     print("triton-multi-ok", counts)
