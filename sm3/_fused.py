@@ -26,7 +26,6 @@ _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 _native = None
 _native_failed = False
-builds = 0  # extension loads in this process; tests check that steps never add to it
 
 
 def _cpu_tag() -> str:
@@ -44,7 +43,7 @@ def _cpu_tag() -> str:
 
 def native_extension():
     """The compiled CPU kernel module, or None (with one warning) when it cannot be built."""
-    global _native, _native_failed, builds
+    global _native, _native_failed
     if _native is None and not _native_failed:
         try:
             if os.environ.get("SM3_DISABLE_NATIVE"):
@@ -64,7 +63,6 @@ def native_extension():
                 extra_ldflags=["-fopenmp"],
                 verbose=False,
             )
-            builds += 1
         except Exception as error:  # no compiler, no headers, a failed build
             _native_failed = True
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
