@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _shapes import MODELS, model_shapes  # noqa: E402
+from scripts._shapes import MODELS, model_shapes
 
 FLOAT32 = 4
 

@@ -2,14 +2,13 @@
 
 The accumulator of a sharded dimension is sharded with the parameter; every other
 accumulator is replicated. A step works on the local shards; the only communication is a
-MAX all-reduce of each replicated accumulator over the shard group (its maximum runs over
-the sharded dimension), so a step moves O(n_1 + ... + n_k) numbers per parameter and never
-gathers the parameter. Results equal single-device SM3 to float rounding.
+MAX all-reduce of the replicated accumulators over the shard group (their maxima run over
+the sharded dimension), all parameters' in one flat buffer per process group, so a step
+moves O(n_1 + ... + n_k) numbers per parameter and never gathers the parameter. Results
+equal single-device SM3 to float rounding.
 """
 
 from __future__ import annotations
-
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -47,15 +46,22 @@ def local(t):
     return t.to_local() if is_dtensor(t) else t
 
 
-def max_reducer(p: "DTensor") -> Optional[Callable[[int, Tensor], None]]:
-    """``reduce(dim, acc)``: all-reduce the local maxima ``acc`` of dimension ``dim`` in place."""
-    shards = _shards(p)
-    if not shards:
-        return None
+def add_max(pending: dict, p: "DTensor", accumulators: list[Tensor]) -> None:
+    """Adds to ``pending`` the local accumulators of ``p`` whose maxima run over a sharded
+    dimension (every accumulator but the sharded dimension's own), keyed by process group."""
+    if p.dim() <= 1:  # one elementwise accumulator, sharded like p
+        return
+    for sharded_dim, group in _shards(p):
+        for dim, acc in enumerate(accumulators):
+            if dim != sharded_dim:
+                pending.setdefault((group, acc.dtype, acc.device), []).append(acc)
 
-    def reduce(dim: int, acc: Tensor) -> None:
-        for sharded_dim, group in shards:
-            if sharded_dim != dim:  # this maximum runs over a sharded dimension
-                dist.all_reduce(acc, op=dist.ReduceOp.MAX, group=group)
 
-    return reduce
+def all_reduce_max(pending: dict) -> None:
+    """Replaces every accumulator in ``pending`` by its maximum over the shards: one MAX
+    all-reduce of one flat buffer per process group (and dtype), then empties ``pending``."""
+    for (group, _, _), accs in pending.items():
+        flat = torch.cat([a.reshape(-1) for a in accs])
+        dist.all_reduce(flat, op=dist.ReduceOp.MAX, group=group)
+        torch._foreach_copy_(accs, flat.split([a.numel() for a in accs]))
+    pending.clear()

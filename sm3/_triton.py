@@ -27,6 +27,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from sm3._hyperparams import Hyperparams
+
 _BLOCK_R, _BLOCK_C, _BLOCK = 16, 256, 2048
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 # Address-table rows, one per tensor. Rank 2 (9 fields): x, g, m, row_acc, col_acc, the offsets
@@ -141,13 +143,14 @@ def _block_index(counts: tuple[int, ...], device: torch.device) -> Tensor:
 
 
 def fused_step(params: list[Tensor], grads: list[Tensor], accumulators: list[Tensor],
-               momentum_buffers: list[Tensor], lr: float, momentum: float, beta: float,
-               eps: float, weight_decay: float, maximize: bool) -> None:
-    """Same contract as the ``sm3::fused_step_`` op; parameters of rank <= 2 only."""
+               momentum_buffers: list[Tensor], hyper: Hyperparams) -> None:
+    """Same contract as the ``sm3::fused_step_`` op (``hyper.lr`` a float); parameters of rank
+    <= 2 only."""
+    lr, beta = hyper.lr, hyper.beta
     scalars = dict(
-        neg_lr=-lr, momentum=momentum,
+        neg_lr=-lr, momentum=hyper.momentum,
         acc_coef=beta if beta > 0 else 1.0, sq_coef=1.0 - beta if beta > 0 else 1.0,
-        eps=eps, decay=1.0 - lr * weight_decay, sign=-1.0 if maximize else 1.0,
+        eps=hyper.eps, decay=1.0 - lr * hyper.weight_decay, sign=-1.0 if hyper.maximize else 1.0,
     )
     has_m = bool(momentum_buffers)
     device = params[0].device

@@ -11,7 +11,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from sm3 import _fused
-from sm3._sharding import dim_accumulator, is_dtensor, local, max_reducer
+from sm3._hyperparams import Hyperparams
+from sm3._sharding import add_max, all_reduce_max, dim_accumulator, is_dtensor, local
 
 __all__ = ["SM3"]
 
@@ -141,6 +142,35 @@ class SM3(Optimizer):
                     "with torch.view_as_real and optimize that instead"
                 )
 
+    # torch's optimizers call this ``_init_group``; torch.compile runs a method of that name
+    # eagerly while tracing and breaks the graph when the gradients are produced in the same
+    # graph, so ``fullgraph=True`` would fail on a train step that does backward and step.
+    def _gather_group(self, group: dict, params: list, grads: list, accumulators: list,
+                      momentum_buffers: list, state_steps: list, fusable: list) -> None:
+        """Appends the parameters of ``group`` that have a gradient, and their state (created on
+        first sight), to the lists that ``_step_group`` takes."""
+        momentum_dtype = group.get("momentum_dtype")
+        for p in group["params"]:
+            grad = p.grad
+            if grad is None:
+                continue
+            if grad.is_sparse and is_dtensor(p):
+                raise ValueError("SM3 does not support sparse gradients of sharded (DTensor) parameters")
+            state = self.state[p]
+            if not state:
+                _init_state(p, state)
+            if group["momentum"] > 0 and not grad.is_sparse and "momentum_buffer" not in state:
+                state["momentum_buffer"] = torch.zeros_like(
+                    p, dtype=momentum_dtype or p.dtype, memory_format=torch.preserve_format
+                )
+            params.append(p)
+            grads.append(grad)
+            accumulators.append(_accumulators(p, state))
+            momentum_buffers.append(state.get("momentum_buffer"))
+            state_steps.append(state["step"])
+            fusable.append(group.get("fused") is not False and not is_dtensor(p)
+                           and _fused.supports(p, grad, momentum_dtype))
+
     @torch.no_grad()
     def step(self, closure=None):
         """Performs a single optimization step.
@@ -152,59 +182,13 @@ class SM3(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        workspaces: dict = {}
+        pending_max: dict = {}  # sharded parameters' maxima, all-reduced once at the end
         for group in self.param_groups:
-            lr = group["lr"]
-            fused, momentum_dtype = group.get("fused"), group.get("momentum_dtype")
-            batches: dict = {}  # device -> (params, grads, accumulators, momentum buffers)
-            diagonal = []  # rank 0/1 parameters for the default path, stepped together
-            steps = []  # counters, incremented together: one op, not one per parameter
-            wants_buffer = group["momentum"] > 0
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    _init_state(p, state)
-                steps.append(state["step"])
-                if grad.is_sparse:
-                    if is_dtensor(p):
-                        raise ValueError("SM3 does not support sparse gradients of sharded (DTensor) parameters")
-                    _sparse_step(p, grad, state, float(lr), group)
-                    continue
-                if wants_buffer and "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, dtype=momentum_dtype or p.dtype, memory_format=torch.preserve_format
-                    )
-                if is_dtensor(p):  # FSDP2 / tensor parallel: step the local shards
-                    local_state = {key: local(value) for key, value in state.items()}
-                    if p.dim() <= 1:  # elementwise: the accumulator is sharded with p
-                        diagonal.append((local(p), local(grad), local_state))
-                    else:
-                        _dense_step(local(p), local(grad), local_state, float(lr), group, workspaces,
-                                    max_reducer(p))
-                elif fused is not False and _fused.supports(p, grad, momentum_dtype):
-                    params, grads, accs, buffers = batches.setdefault(p.device, ([], [], [], []))
-                    params.append(p)
-                    grads.append(grad)
-                    accs.extend(_accumulators(p, state))
-                    if wants_buffer:
-                        buffers.append(state["momentum_buffer"])
-                elif p.dim() <= 1:
-                    diagonal.append((p, grad, state))
-                else:
-                    _dense_step(p, grad, state, float(lr), group, workspaces)
-            if steps:
-                torch._foreach_add_(steps, 1)
-            if diagonal:
-                _diagonal_steps(diagonal, float(lr), group)
-            for params, grads, accs, buffers in batches.values():
-                _fused.fused_step(
-                    params, grads, accs, buffers, lr,
-                    group["momentum"], group["beta"], group["eps"], group["weight_decay"],
-                    group["maximize"],
-                )
+            params, grads, accumulators, momentum_buffers, state_steps, fusable = [], [], [], [], [], []
+            self._gather_group(group, params, grads, accumulators, momentum_buffers, state_steps, fusable)
+            _step_group(params, grads, accumulators, momentum_buffers, state_steps, fusable,
+                        Hyperparams.of(group), pending_max=pending_max)
+        all_reduce_max(pending_max)
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -238,6 +222,66 @@ def _accumulators(p: Tensor, state: dict) -> list[Tensor]:
     return [state[f"accumulator_{r}"] for r in range(p.dim())]
 
 
+def _step_group(
+    params: list[Tensor],
+    grads: list[Tensor],
+    accumulators: list[list[Tensor]],
+    momentum_buffers: list[Optional[Tensor]],
+    state_steps: list[Tensor],
+    fusable: list[bool],
+    hyper: Hyperparams,
+    *,
+    pending_max: Optional[dict] = None,
+) -> None:
+    """One SM3 step of a parameter group's lists (as gathered by ``SM3._gather_group``).
+
+    Each parameter takes one path: sparse gradients the original's sparse step; ``fusable``
+    ones the fused kernel, one call per device; the others the default path (rank 0/1
+    together through ``torch._foreach_*`` ops, rank >= 2 one by one in cache-sized chunks).
+    Sharded (DTensor) parameters step their local shards on these paths; the maxima that run
+    over a sharded dimension are collected in ``pending_max`` and all-reduced by the caller
+    (here, when ``pending_max`` is None).
+    """
+    if not params:
+        return
+    torch._foreach_add_(state_steps, 1)
+    reduce_here = pending_max is None
+    if reduce_here:
+        pending_max = {}
+    sparse, diagonal, dense = [], [], []  # (param, grad, accumulators, momentum buffer)
+    batches: dict = {}  # device -> (params, grads, accumulators, momentum buffers), fused
+    for p, grad, accs, buf, fuse in zip(params, grads, accumulators, momentum_buffers, fusable):
+        if grad.is_sparse:
+            sparse.append((p, grad, accs, buf))
+            continue
+        if is_dtensor(p):  # FSDP2 / tensor parallel: step the local shards
+            accs = [local(a) for a in accs]
+            add_max(pending_max, p, accs)
+            p, grad, buf = local(p), local(grad), None if buf is None else local(buf)
+        if fuse:
+            batch = batches.setdefault(p.device, ([], [], [], []))
+            batch[0].append(p)
+            batch[1].append(grad)
+            batch[2].extend(accs)
+            if hyper.momentum > 0:
+                batch[3].append(buf)
+        else:
+            (diagonal if p.dim() <= 1 else dense).append((p, grad, accs, buf))
+    if sparse or diagonal or dense:
+        plain = hyper._replace(lr=float(hyper.lr))  # the default path takes a float lr
+        for p, grad, accs, _ in sparse:
+            _sparse_step(p, grad, accs[0], plain)
+        if diagonal:
+            _diagonal_steps(diagonal, plain)
+        workspaces: dict = {}
+        for p, grad, accs, buf in dense:
+            _dense_step(p, grad, accs, buf, plain, workspaces)
+    for batch in batches.values():
+        _fused.fused_step(*batch, hyper)
+    if reduce_here:
+        all_reduce_max(pending_max)
+
+
 def _workspace(workspaces: dict, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
     key = (dtype, device)
     buf = workspaces.get(key)
@@ -246,20 +290,20 @@ def _workspace(workspaces: dict, numel: int, dtype: torch.dtype, device: torch.d
     return buf[:numel]
 
 
-def _diagonal_steps(items: list, lr: float, group: dict) -> None:
-    """The step of rank 0/1 parameters (diagonal Adagrad), for ``(param, grad, state)`` items.
+def _diagonal_steps(items: list, hyper: Hyperparams) -> None:
+    """The step of rank 0/1 parameters (diagonal Adagrad), for ``(param, grad, accumulators,
+    momentum buffer)`` items.
 
     Cut into pieces of at most one chunk and stepped a batch of pieces at a time with
     ``torch._foreach_*`` ops: one call per op for many small tensors (biases, norms) instead of
     several per tensor, while the temporaries stay within one chunk.
     """
-    momentum, beta, eps = group["momentum"], group["beta"], group["eps"]
-    decay = 1.0 - lr * group["weight_decay"]
-    direction = -1.0 if group["maximize"] else 1.0  # maximize: ascend, as if g were -g
+    lr, momentum, beta, eps = hyper.lr, hyper.momentum, hyper.beta, hyper.eps
+    decay = 1.0 - lr * hyper.weight_decay
+    direction = -1.0 if hyper.maximize else 1.0  # maximize: ascend, as if g were -g
     batch, size = [], 0
-    for p, grad, state in items:
-        acc = state["accumulator"].view(-1)
-        buf = state.get("momentum_buffer")
+    for p, grad, accs, buf in items:
+        acc = accs[0].view(-1)
         pieces = _CHUNK_ELEMENTS if p.device.type == "cpu" else max(1, p.numel())
         for start in range(0, p.numel(), pieces):
             stop = min(start + pieces, p.numel())
@@ -342,20 +386,13 @@ def _plan(shape: tuple, threads: int, chunk_elements: Optional[int]) -> _Plan:
     )
 
 
-def _dense_step(
-    p: Tensor, grad: Tensor, state: dict, lr: float, group: dict, workspaces: dict, reduce_max=None
-) -> None:
+def _dense_step(p: Tensor, grad: Tensor, accs: list[Tensor], buf: Optional[Tensor], hyper: Hyperparams,
+                workspaces: dict) -> None:
     """In-place SM3 step for a dense gradient of a parameter of rank >= 2, in row chunks of
-    dimension 0.
-
-    ``reduce_max(dim, acc)``, for sharded parameters, combines the local maxima of
-    accumulator ``dim`` across shards in place (see ``sm3._sharding``).
-    """
-    momentum, beta, eps = group["momentum"], group["beta"], group["eps"]
-    decay = 1.0 - lr * group["weight_decay"]
-    direction = -1.0 if group["maximize"] else 1.0  # maximize: ascend, as if g were -g
-    accs = _accumulators(p, state)
-    buf = state.get("momentum_buffer")
+    dimension 0."""
+    lr, momentum, beta, eps = hyper.lr, hyper.momentum, hyper.beta, hyper.eps
+    decay = 1.0 - lr * hyper.weight_decay
+    direction = -1.0 if hyper.maximize else 1.0  # maximize: ascend, as if g were -g
     dtype = accs[0].dtype
     # Chunks keep a CPU's passes in cache. The CPU's threads each take an equal, contiguous
     # share of a chunk's elements in the elementwise ops; the maxima of a_2..a_k are taken per
@@ -397,7 +434,7 @@ def _dense_step(
                 x.mul_(decay)
             target, step_size = (x, lr) if buf is None else (buf[start:stop].mul_(momentum), momentum - 1.0)
             _fused_adagrad_([target], [g], [nu], [_ONE], lr=step_size, lr_decay=0.0, weight_decay=0.0,
-                            eps=0.0, maximize=group["maximize"])
+                            eps=0.0, maximize=hyper.maximize)
             if buf is not None:
                 x.add_(target, alpha=-lr)
         elif beta:
@@ -435,20 +472,16 @@ def _dense_step(
         torch.amax(new, dim=0, out=a)
     if shift:
         torch._foreach_sub_(accs, shift)
-    if reduce_max is not None:
-        for i, a in enumerate(accs):
-            reduce_max(i, a)
 
 
-def _sparse_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict) -> None:
+def _sparse_step(p: Tensor, grad: Tensor, acc: Tensor, hyper: Hyperparams) -> None:
     """The original's sparse path: only rows present, only the first-dimension accumulator."""
     if grad.sparse_dim() != 1:
         raise ValueError(
             f"SM3 supports sparse gradients with one sparse dimension (as from nn.Embedding), "
             f"got sparse_dim={grad.sparse_dim()}; densify the gradient with .to_dense()"
         )
-    beta, eps = group["beta"], group["eps"]
-    acc = state["accumulator" if p.dim() <= 1 else "accumulator_0"]
+    lr, beta, eps = hyper.lr, hyper.beta, hyper.eps
     grad = grad.coalesce()  # sums duplicate indices
     index = grad.indices()[0]
     g = grad.values().to(acc.dtype)
@@ -456,9 +489,9 @@ def _sparse_step(p: Tensor, grad: Tensor, state: dict, lr: float, group: dict) -
     nu = rows * beta + (1.0 - beta) * g * g if beta else rows + g * g
     acc.index_copy_(0, index, nu.amax(dim=tuple(range(1, nu.dim()))) if nu.dim() > 1 else nu)
     update = g * torch.rsqrt(nu + eps)
-    if group["maximize"]:
+    if hyper.maximize:
         update.neg_()
     x = p.index_select(0, index).to(acc.dtype)
-    if group["weight_decay"]:
-        x.mul_(1.0 - lr * group["weight_decay"])
+    if hyper.weight_decay:
+        x.mul_(1.0 - lr * hyper.weight_decay)
     p.index_copy_(0, index, x.add_(update, alpha=-lr).to(p.dtype))

@@ -1,22 +1,16 @@
 """SM3 on FSDP2-sharded parameters (2 CPU processes, gloo) against single-device SM3."""
 
 import copy
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
+from scripts.sharded_state import state_bytes_per_rank
 from sm3 import SM3, optimizer_state_bytes
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-from sharded_state import state_bytes_per_rank  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
-WORLD_SIZE = 2
 # Uneven rows (7 over 2 ranks), a single row (one rank holds none), 1-D, rank 3 and 4.
 SHAPES = [(7, 5), (1, 6), (5,), (3, 4, 2), (2, 3, 2, 2)]
 
@@ -42,17 +36,17 @@ def _train(model, opt, steps, first=0):
         opt.zero_grad()
 
 
-def _worker(rank, store, momentum, checkpoint_dir):
+def _worker(rank, world_size, store, momentum, checkpoint_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         torch.manual_seed(0)
         reference = Params()
         model = copy.deepcopy(reference)
-        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        mesh = init_device_mesh("cpu", (world_size,))
         fully_shard(model, mesh=mesh)
         hparams = dict(lr=0.1, momentum=momentum, beta=0.0, weight_decay=0.01)
         opt, ref_opt = SM3(model.parameters(), **hparams), SM3(reference.parameters(), **hparams)
@@ -69,7 +63,7 @@ def _worker(rank, store, momentum, checkpoint_dir):
                 assert opt.state[p]["accumulator_0"].to_local().shape[0] == p.to_local().shape[0]
 
         # the per-rank memory that scripts/sharded_state.py predicts (+ one float32 step each)
-        predicted = state_bytes_per_rank(SHAPES, WORLD_SIZE, "sm3_momentum" if momentum else "sm3", rank)
+        predicted = state_bytes_per_rank(SHAPES, world_size, "sm3_momentum" if momentum else "sm3", rank)
         assert optimizer_state_bytes(opt) == predicted + 4 * len(SHAPES)
 
         if checkpoint_dir is None:
@@ -96,6 +90,5 @@ def _worker(rank, store, momentum, checkpoint_dir):
 
 
 @pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_fsdp2_matches_single_device(tmp_path, momentum):
-    checkpoint_dir = str(tmp_path / "ckpt") if momentum else None
-    mp.spawn(_worker, args=(str(tmp_path / "store"), momentum, checkpoint_dir), nprocs=WORLD_SIZE)
+def test_fsdp2_matches_single_device(tmp_path, spawn_ranks, momentum):
+    spawn_ranks(_worker, momentum, str(tmp_path / "ckpt") if momentum else None)

@@ -359,3 +359,11 @@ def test_rank1_matches_adagrad(values, lr):
         sm3.step()
         adagrad.step()
     torch.testing.assert_close(p1.detach(), p2.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_version_comes_from_the_package_metadata():
+    from importlib.metadata import version
+
+    import sm3
+
+    assert sm3.__version__ == version("sm3")

@@ -2,18 +2,13 @@
 many mixed parameters in one call against ``SM3(fused=False)``, and a launch count that does not
 grow with the number of parameters."""
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
-
-import pytest
 
 _CHECK = textwrap.dedent(
     """
     import torch
     from sm3 import SM3, _triton
+    from sm3._hyperparams import Hyperparams
     from sm3.optimizer import _accumulators, _init_state
 
     launches = []
@@ -80,8 +75,8 @@ _CHECK = textwrap.dedent(
             opt.step()
             accs = [a for p, s in zip(params, states) for a in _accumulators(p, s)]
             del launches[:]
-            _triton.fused_step(params, grads, accs, buffers, lr, h["momentum"], h["beta"], eps,
-                               h["weight_decay"], h["maximize"])
+            _triton.fused_step(params, grads, accs, buffers,
+                               Hyperparams(lr, h["momentum"], h["beta"], eps, h["weight_decay"], h["maximize"]))
             # Groups: (rank 2 or 0/1) x 2 dtypes x (aligned or not), whatever the count.
             assert 0 < len(launches) <= 8, len(launches)
             for i, (p, q) in enumerate(zip(params, plain)):
@@ -107,7 +102,7 @@ _CHECK = textwrap.dedent(
         accs = [a for p, s in zip(params, states) for a in _accumulators(p, s)]
         grads = [torch.randn_like(p) for p in params]
         del launches[:]
-        _triton.fused_step(params, grads, accs, [], lr, 0.0, 0.0, eps, 0.0, False)
+        _triton.fused_step(params, grads, accs, [], Hyperparams(lr, 0.0, 0.0, eps, 0.0, False))
         counts.append(len(launches))
     assert counts[0] == counts[1] == 8, counts
     print("triton-multi-ok", counts)
@@ -115,12 +110,7 @@ _CHECK = textwrap.dedent(
 )
 
 
-def test_one_call_steps_many_mixed_parameters_with_constant_launches():
-    pytest.importorskip("triton")
-    root = Path(__file__).resolve().parents[1]
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
-    result = subprocess.run([sys.executable, "-c", _CHECK], env=env, capture_output=True,
-                            text=True, timeout=300)
+def test_one_call_steps_many_mixed_parameters_with_constant_launches(triton_interpreter):
+    result = triton_interpreter(_CHECK)
     assert result.returncode == 0 and "triton-multi-ok" in result.stdout, (
         result.stdout[-2000:] + result.stderr[-3000:])
