@@ -149,7 +149,7 @@ class SM3(Optimizer):
                       momentum_buffers: list, state_steps: list, fusable: list) -> None:
         """Appends the parameters of ``group`` that have a gradient, and their state (created on
         first sight), to the lists that ``_step_group`` takes."""
-        momentum_dtype = group.get("momentum_dtype")
+        momentum_dtype = group["momentum_dtype"]
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -168,7 +168,7 @@ class SM3(Optimizer):
             accumulators.append(_accumulators(p, state))
             momentum_buffers.append(state.get("momentum_buffer"))
             state_steps.append(state["step"])
-            fusable.append(group.get("fused") is not False and not is_dtensor(p)
+            fusable.append(group["fused"] is not False and not is_dtensor(p)
                            and _fused.supports(p, grad, momentum_dtype))
 
     @torch.no_grad()
@@ -191,6 +191,18 @@ class SM3(Optimizer):
         all_reduce_max(pending_max)
         return loss
 
+    def __setstate__(self, state: dict) -> None:
+        # State saved by older versions (and by torch's older format): keys added since get
+        # their defaults, and a Python-number step becomes the float32 tensor we keep.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, default in _ADDED_GROUP_KEYS.items():
+                group.setdefault(key, default)
+        for param_state in self.state.values():
+            step = param_state.get("step")
+            if step is not None and not torch.is_tensor(step):
+                param_state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating-point state to the parameter's dtype on load; our float32
         # statistics of half-precision parameters must keep their dtype to resume exactly.
@@ -202,6 +214,31 @@ class SM3(Optimizer):
             for key, value in saved_state.get(saved_id, {}).items():
                 if isinstance(value, Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
+            if self.state.get(p) and not is_dtensor(p):
+                _adopt_earlier_layout(p, self.state[p])
+
+
+# Param-group keys that state dicts of older versions may lack, with the defaults of __init__.
+_ADDED_GROUP_KEYS = dict(weight_decay=0.0, maximize=False, foreach=None, fused=None, momentum_dtype=None)
+
+
+def _adopt_earlier_layout(p: Tensor, state: dict) -> None:
+    """Converts in place the state of the earlier PyTorch SM3 port, if that is what ``state``
+    holds: ``accumulator_r`` shaped to broadcast along dimension r (1-D here; a sparse gradient
+    kept only ``accumulator_0``, and the others start at zero), ``accumulator_0`` for rank
+    <= 1 (``accumulator`` here), and ``momentum_buffer = 0.`` before the first momentum step
+    (no buffer here: it starts at zero)."""
+    dtype = _stats_dtype(p.dtype)
+    if p.dim() <= 1:
+        if "accumulator" not in state and "accumulator_0" in state:
+            state["accumulator"] = state.pop("accumulator_0").reshape(p.shape).to(dtype)
+    elif "accumulator_0" in state:
+        for r, n in enumerate(p.shape):
+            acc = state.get(f"accumulator_{r}")
+            state[f"accumulator_{r}"] = (torch.zeros(n, dtype=dtype, device=p.device) if acc is None
+                                         else acc.reshape(n).to(dtype))
+    if "momentum_buffer" in state and not torch.is_tensor(state["momentum_buffer"]):
+        del state["momentum_buffer"]
 
 
 def _init_state(p: Tensor, state: dict) -> None:
