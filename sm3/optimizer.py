@@ -112,7 +112,7 @@ class SM3(Optimizer):
         momentum_dtype: Optional[torch.dtype] = None,
     ):
         if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+            raise ValueError("Tensor lr must be 1-element")  # torch.optim's wording
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
         if not 0.0 <= momentum < 1.0:

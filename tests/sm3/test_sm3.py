@@ -454,3 +454,7 @@ def test_param_group_saved_before_a_key_existed_loads_and_steps(missing):
     opt.step()
     assert torch.equal(p, q) and fresh.state[q]["step"].item() == 2
 
+
+def test_tensor_lr_of_the_wrong_size_uses_torch_wording():
+    with pytest.raises(ValueError, match="^Tensor lr must be 1-element$"):
+        SM3([torch.nn.Parameter(torch.zeros(2))], lr=torch.tensor([0.1, 0.2]))
