@@ -86,7 +86,10 @@ class SM3(Optimizer):
             float16, it is not contiguous, it lives on a device other than CPU/CUDA, it is a
             CUDA tensor of rank >= 3 or Triton is missing, or the CPU kernel cannot be built
             (no compiler: one warning, then the default path). The fused path agrees with
-            the default path to float32 rounding. Under ``torch.compile`` the kernels are one
+            the default path to float32 rounding. Sharded (DTensor) parameters (FSDP2,
+            tensor parallelism) go through the kernel on their local shards, and the maxima
+            over sharded dimensions of all parameters take one MAX all-reduce per process
+            group per step. Under ``torch.compile`` the kernels are one
             custom op (``sm3::fused_step_``), so ``fullgraph=True`` traces ``step()``; the
             learning rate is passed as a tensor and never triggers a recompilation (the
             first step, which creates the state, compiles a graph of its own). On CUDA a step
@@ -168,8 +171,7 @@ class SM3(Optimizer):
             accumulators.append(_accumulators(p, state))
             momentum_buffers.append(state.get("momentum_buffer"))
             state_steps.append(state["step"])
-            fusable.append(group["fused"] is not False and not is_dtensor(p)
-                           and _fused.supports(p, grad, momentum_dtype))
+            fusable.append(group["fused"] is not False and _fused.supports(local(p), local(grad), momentum_dtype))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -275,9 +277,11 @@ def _step_group(
     Each parameter takes one path: sparse gradients the original's sparse step; ``fusable``
     ones the fused kernel, one call per device; the others the default path (rank 0/1
     together through ``torch._foreach_*`` ops, rank >= 2 one by one in cache-sized chunks).
-    Sharded (DTensor) parameters step their local shards on these paths; the maxima that run
-    over a sharded dimension are collected in ``pending_max`` and all-reduced by the caller
-    (here, when ``pending_max`` is None).
+    Sharded (DTensor) parameters step their local shards on these paths (the fused kernel
+    reads the old accumulators, the sharded dimension's local and the others replicated, and
+    overwrites them with the local maxima of nu); the maxima that run over a sharded dimension
+    are collected in ``pending_max`` and all-reduced by the caller (here, when ``pending_max``
+    is None), one MAX all-reduce per process group for all parameters.
     """
     if not params:
         return
@@ -295,6 +299,8 @@ def _step_group(
             accs = [local(a) for a in accs]
             add_max(pending_max, p, accs)
             p, grad, buf = local(p), local(grad), None if buf is None else local(buf)
+            if fuse and not p.numel():  # a rank holding no rows: its maxima are of nothing
+                torch._foreach_zero_(accs)
         if fuse:
             batch = batches.setdefault(p.device, ([], [], [], []))
             batch[0].append(p)
