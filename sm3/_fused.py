@@ -1,8 +1,8 @@
 """The fused SM3 step: one pass over (grad, param[, momentum]) per parameter.
 
 CPU: a C++/OpenMP kernel (``sm3/csrc/sm3_fused.cpp``) built on first use with
-``torch.utils.cpp_extension.load`` and cached in torch's extension directory, so it is
-compiled once per machine. CUDA: a Triton kernel (``sm3/_triton.py``), compiled by Triton once
+``torch.utils.cpp_extension.load`` and cached in torch's extension directory under a name
+keyed by the source's content, so it is compiled once per machine for all copies. CUDA: a Triton kernel (``sm3/_triton.py``), compiled by Triton once
 per dtype combination. Both sit behind one custom op, ``sm3::fused_step_``, so that
 ``torch.compile`` traces ``optimizer.step()`` without graph breaks. The learning rate and the
 other hyperparameters are runtime arguments: changing them never triggers a rebuild.
@@ -11,8 +11,10 @@ other hyperparameters are runtime arguments: changing them never triggers a rebu
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import platform
+import sys
 import warnings
 from pathlib import Path
 
@@ -41,6 +43,42 @@ def _cpu_tag() -> str:
     return hashlib.sha1((platform.machine() + flags).encode()).hexdigest()[:10]
 
 
+def _flags() -> list[str]:
+    flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+    if platform.machine() in ("x86_64", "AMD64"):
+        # GCC keeps to 256-bit vectors on AVX-512 CPUs unless told: 512 measured ~15% faster
+        # on a Sapphire Rapids core (no effect on CPUs without AVX-512).
+        flags.append("-mprefer-vector-width=512")
+    return flags
+
+
+def _extension_name(source: bytes, flags: list[str]) -> str:
+    """The extension's name, and so its build directory, from what the binary depends on: this
+    CPU, the source's content, the flags, torch and Python. Never the source's path: every
+    checkout and installed copy on a machine shares one build (keyed by path, each rebuilt it
+    when another had run, ~40 s)."""
+    key = b"\0".join([source, " ".join(flags).encode(), torch.__version__.encode(),
+                      sys.implementation.cache_tag.encode()])
+    return f"sm3_fused_cpu_{_cpu_tag()}_{hashlib.sha1(key).hexdigest()[:10]}"
+
+
+def _import_built(name: str):
+    """The extension ``name`` if it is already built, imported without asking the compiler
+    (``load`` would check, and rebuild, against this copy's paths), else None."""
+    from torch.utils import cpp_extension
+
+    library = Path(cpp_extension._get_build_directory(name, False)) / f"{name}{cpp_extension.LIB_EXT}"
+    if not library.exists():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(name, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError:  # being written by a build in another process: load() waits for it
+        return None
+    return module
+
+
 def native_extension():
     """The compiled CPU kernel module, or None (with one warning) when it cannot be built."""
     global _native, _native_failed
@@ -48,17 +86,13 @@ def native_extension():
         try:
             if os.environ.get("SM3_DISABLE_NATIVE"):
                 raise RuntimeError("SM3_DISABLE_NATIVE is set")
-            from torch.utils.cpp_extension import load
+            from torch.utils import cpp_extension
 
-            flags = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
-            if platform.machine() in ("x86_64", "AMD64"):
-                # GCC keeps to 256-bit vectors on AVX-512 CPUs unless told: 512 measured ~15% faster
-                # on a Sapphire Rapids core (no effect on CPUs without AVX-512).
-                flags.append("-mprefer-vector-width=512")
-            tag = hashlib.sha1(" ".join(flags).encode()).hexdigest()[:6]
-            _native = load(
-                name=f"sm3_fused_cpu_{_cpu_tag()}_{tag}",
-                sources=[str(_CSRC / "sm3_fused.cpp")],
+            source, flags = _CSRC / "sm3_fused.cpp", _flags()
+            name = _extension_name(source.read_bytes(), flags)
+            _native = _import_built(name) or cpp_extension.load(
+                name=name,
+                sources=[str(source)],
                 extra_cflags=flags,
                 extra_ldflags=["-fopenmp"],
                 verbose=False,

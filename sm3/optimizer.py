@@ -86,7 +86,10 @@ class SM3(Optimizer):
             float16, it is not contiguous, it lives on a device other than CPU/CUDA, it is a
             CUDA tensor of rank >= 3 or Triton is missing, or the CPU kernel cannot be built
             (no compiler: one warning, then the default path). The fused path agrees with
-            the default path to float32 rounding. Under ``torch.compile`` the kernels are one
+            the default path to float32 rounding. Sharded (DTensor) parameters (FSDP2,
+            tensor parallelism) go through the kernel on their local shards, and the maxima
+            over sharded dimensions of all parameters take one MAX all-reduce per process
+            group per step. Under ``torch.compile`` the kernels are one
             custom op (``sm3::fused_step_``), so ``fullgraph=True`` traces ``step()``; the
             learning rate is passed as a tensor and never triggers a recompilation (the
             first step, which creates the state, compiles a graph of its own). On CUDA a step
@@ -112,7 +115,7 @@ class SM3(Optimizer):
         momentum_dtype: Optional[torch.dtype] = None,
     ):
         if isinstance(lr, Tensor) and lr.numel() != 1:
-            raise ValueError(f"Invalid lr: a tensor lr must have one element, got shape {tuple(lr.shape)}")
+            raise ValueError("Tensor lr must be 1-element")  # torch.optim's wording
         if not 0.0 <= lr:
             raise ValueError(f"Invalid lr: {lr} (must be >= 0)")
         if not 0.0 <= momentum < 1.0:
@@ -149,7 +152,7 @@ class SM3(Optimizer):
                       momentum_buffers: list, state_steps: list, fusable: list) -> None:
         """Appends the parameters of ``group`` that have a gradient, and their state (created on
         first sight), to the lists that ``_step_group`` takes."""
-        momentum_dtype = group.get("momentum_dtype")
+        momentum_dtype = group["momentum_dtype"]
         for p in group["params"]:
             grad = p.grad
             if grad is None:
@@ -168,8 +171,7 @@ class SM3(Optimizer):
             accumulators.append(_accumulators(p, state))
             momentum_buffers.append(state.get("momentum_buffer"))
             state_steps.append(state["step"])
-            fusable.append(group.get("fused") is not False and not is_dtensor(p)
-                           and _fused.supports(p, grad, momentum_dtype))
+            fusable.append(group["fused"] is not False and _fused.supports(local(p), local(grad), momentum_dtype))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -191,6 +193,18 @@ class SM3(Optimizer):
         all_reduce_max(pending_max)
         return loss
 
+    def __setstate__(self, state: dict) -> None:
+        # State saved by older versions (and by torch's older format): keys added since get
+        # their defaults, and a Python-number step becomes the float32 tensor we keep.
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, default in _ADDED_GROUP_KEYS.items():
+                group.setdefault(key, default)
+        for param_state in self.state.values():
+            step = param_state.get("step")
+            if step is not None and not torch.is_tensor(step):
+                param_state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
     def load_state_dict(self, state_dict: dict) -> None:
         # torch casts floating-point state to the parameter's dtype on load; our float32
         # statistics of half-precision parameters must keep their dtype to resume exactly.
@@ -202,6 +216,31 @@ class SM3(Optimizer):
             for key, value in saved_state.get(saved_id, {}).items():
                 if isinstance(value, Tensor) and key != "step":
                     self.state[p][key] = value.to(device=p.device, copy=True)
+            if self.state.get(p) and not is_dtensor(p):
+                _adopt_earlier_layout(p, self.state[p])
+
+
+# Param-group keys that state dicts of older versions may lack, with the defaults of __init__.
+_ADDED_GROUP_KEYS = dict(weight_decay=0.0, maximize=False, foreach=None, fused=None, momentum_dtype=None)
+
+
+def _adopt_earlier_layout(p: Tensor, state: dict) -> None:
+    """Converts in place the state of the earlier PyTorch SM3 port, if that is what ``state``
+    holds: ``accumulator_r`` shaped to broadcast along dimension r (1-D here; a sparse gradient
+    kept only ``accumulator_0``, and the others start at zero), ``accumulator_0`` for rank
+    <= 1 (``accumulator`` here), and ``momentum_buffer = 0.`` before the first momentum step
+    (no buffer here: it starts at zero)."""
+    dtype = _stats_dtype(p.dtype)
+    if p.dim() <= 1:
+        if "accumulator" not in state and "accumulator_0" in state:
+            state["accumulator"] = state.pop("accumulator_0").reshape(p.shape).to(dtype)
+    elif "accumulator_0" in state:
+        for r, n in enumerate(p.shape):
+            acc = state.get(f"accumulator_{r}")
+            state[f"accumulator_{r}"] = (torch.zeros(n, dtype=dtype, device=p.device) if acc is None
+                                         else acc.reshape(n).to(dtype))
+    if "momentum_buffer" in state and not torch.is_tensor(state["momentum_buffer"]):
+        del state["momentum_buffer"]
 
 
 def _init_state(p: Tensor, state: dict) -> None:
@@ -238,9 +277,11 @@ def _step_group(
     Each parameter takes one path: sparse gradients the original's sparse step; ``fusable``
     ones the fused kernel, one call per device; the others the default path (rank 0/1
     together through ``torch._foreach_*`` ops, rank >= 2 one by one in cache-sized chunks).
-    Sharded (DTensor) parameters step their local shards on these paths; the maxima that run
-    over a sharded dimension are collected in ``pending_max`` and all-reduced by the caller
-    (here, when ``pending_max`` is None).
+    Sharded (DTensor) parameters step their local shards on these paths (the fused kernel
+    reads the old accumulators, the sharded dimension's local and the others replicated, and
+    overwrites them with the local maxima of nu); the maxima that run over a sharded dimension
+    are collected in ``pending_max`` and all-reduced by the caller (here, when ``pending_max``
+    is None), one MAX all-reduce per process group for all parameters.
     """
     if not params:
         return
@@ -258,6 +299,8 @@ def _step_group(
             accs = [local(a) for a in accs]
             add_max(pending_max, p, accs)
             p, grad, buf = local(p), local(grad), None if buf is None else local(buf)
+            if fuse and not p.numel():  # a rank holding no rows: its maxima are of nothing
+                torch._foreach_zero_(accs)
         if fuse:
             batch = batches.setdefault(p.device, ([], [], [], []))
             batch[0].append(p)

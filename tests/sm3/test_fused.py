@@ -1,8 +1,10 @@
 """The fused SM3 step (C++/OpenMP on CPU, Triton on CUDA) against the default path and the
 reference: numbers, state layout, fallbacks, and no recompilation under torch.compile."""
 
+import os
 import textwrap
 import zlib
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,8 +113,10 @@ def test_fallbacks_take_the_default_path():
     assert (emb.weight[[1, 2]] != before[[1, 2]]).all() and torch.equal(emb.weight[0], before[0])
 
 
-def test_warns_once_and_falls_back_without_a_compiler(monkeypatch):
+def test_warns_once_and_falls_back_without_a_compiler(monkeypatch, tmp_path):
     import torch.utils.cpp_extension
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))  # nothing built there
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Error checking compiler version for c++: [Errno 2] No such file")
@@ -236,3 +240,40 @@ def test_cuda_fused_matches_default_path():
             a.step()
             b.step()
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+
+
+_IMPORT_WITHOUT_COMPILER = textwrap.dedent(
+    """
+    import torch.utils.cpp_extension
+
+    def no_build(*args, **kwargs):
+        raise RuntimeError("compiled")
+
+    torch.utils.cpp_extension.load = no_build  # any call would compile (or check the build)
+    import sm3
+    from sm3 import _fused
+
+    assert sm3.__file__.startswith({copy!r}), sm3.__file__
+    extension = _fused.native_extension()
+    print("built:", None if extension is None else extension.__file__)
+    """
+)
+
+
+def test_copies_of_the_source_share_one_build(tmp_path, run_python):
+    # Another checkout, or an installed wheel, finds the kernel that this one built (at import,
+    # for pytestmark): the build is keyed by the source's content, not by its path.
+    import shutil
+
+    import sm3
+
+    built = _fused.native_extension().__file__
+    mtime = os.stat(built).st_mtime_ns
+    for copy in ("a", "b"):
+        shutil.copytree(Path(sm3.__file__).parent, tmp_path / copy / "sm3",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        result = run_python(_IMPORT_WITHOUT_COMPILER.format(copy=str(tmp_path / copy)),
+                            cwd=tmp_path / copy, pythonpath=(tmp_path / copy,))
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert f"built: {built}" in result.stdout, result.stdout + result.stderr[-3000:]
+    assert os.stat(built).st_mtime_ns == mtime

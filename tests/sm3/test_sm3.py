@@ -1,5 +1,6 @@
 """The SM3 optimizer against the plain reference, hand-computed values and its contracts."""
 
+import copy
 import io
 import itertools
 import math
@@ -367,3 +368,93 @@ def test_version_comes_from_the_package_metadata():
     import sm3
 
     assert sm3.__version__ == version("sm3")
+
+
+# --- state dicts of older versions and of the earlier PyTorch port -----------------------
+
+
+def _earlier_port_state_dict(params, accumulators, buffers, step):
+    """A state dict in the earlier PyTorch SM3 port's layout: groups with only lr, momentum,
+    beta and eps; ``step`` a Python int; ``accumulator_r`` shaped to broadcast along dimension
+    r (``accumulator_0`` alone for rank <= 1); ``momentum_buffer`` 0. before its first use."""
+    state = {}
+    for i, (p, accs, buf) in enumerate(zip(params, accumulators, buffers)):
+        entry = {"step": step, "momentum_buffer": 0.0 if buf is None else buf.clone()}
+        for r, a in enumerate(accs):
+            shape = [n if d == r else 1 for d, n in enumerate(p.shape)] if p.dim() > 1 else p.shape
+            entry[f"accumulator_{r}"] = a.clone().reshape(shape)
+        state[i] = entry
+    groups = [{"lr": 0.1, "momentum": 0.9, "beta": 0.0, "eps": 1e-30, "params": list(range(len(params)))}]
+    return {"state": state, "param_groups": groups}
+
+
+def test_loads_the_earlier_port_layout_and_continues_as_our_own():
+    gen = torch.Generator().manual_seed(11)
+    shapes = [(6, 5), (3, 2, 4), (5,), ()]
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    ours = [torch.nn.Parameter(t.clone()) for t in start]
+    opt = SM3(ours, lr=0.1, momentum=0.9)
+    for _ in range(2):
+        for p in ours:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    accumulators = [[opt.state[p][k] for k in sorted(opt.state[p]) if k.startswith("accumulator")] for p in ours]
+    buffers = [opt.state[p]["momentum_buffer"] for p in ours]
+    buffers[-1] = None  # the port's 0. placeholder: a zero buffer
+    opt.state[ours[-1]]["momentum_buffer"].zero_()
+    old = _earlier_port_state_dict(ours, accumulators, buffers, step=2)
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    loaded = SM3(theirs, lr=0.5, momentum=0.5, weight_decay=0.3, maximize=True)
+    loaded.load_state_dict(old)
+    group = loaded.param_groups[0]
+    assert (group["weight_decay"], group["maximize"], group["fused"], group["foreach"], group["momentum_dtype"]) == (
+        0.0, False, None, None, None)
+    for p, q in zip(ours, theirs):
+        assert loaded.state[q].keys() | {"momentum_buffer"} == opt.state[p].keys()  # 0.: none yet
+        assert loaded.state[q]["step"].dtype == torch.float32
+    for _ in range(2):
+        for p, q in zip(ours, theirs):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        opt.step()
+        loaded.step()
+    for p, q in zip(ours, theirs):
+        assert torch.equal(p, q) and loaded.state[q].keys() == opt.state[p].keys()
+        for key, value in opt.state[p].items():
+            assert torch.equal(value, loaded.state[q][key]), key
+
+
+def test_loads_the_earlier_port_sparse_layout():
+    # A sparse (embedding) gradient kept only accumulator_0 of shape (n,): the others start at 0.
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    old = {"state": {0: {"step": 1, "momentum_buffer": 0.0, "accumulator_0": torch.rand(4)}},
+           "param_groups": [{"lr": 0.1, "momentum": 0.0, "beta": 0.0, "eps": 1e-30, "params": [0]}]}
+    opt = SM3([p])
+    opt.load_state_dict(old)
+    assert opt.state[p]["accumulator_1"].shape == (3,) and not opt.state[p]["accumulator_1"].any()
+    p.grad = torch.randn(4, 3)
+    opt.step()
+    assert opt.state[p]["step"].item() == 2
+
+
+@pytest.mark.parametrize("missing", ["maximize", "weight_decay", "fused", "momentum_dtype", "foreach"])
+def test_param_group_saved_before_a_key_existed_loads_and_steps(missing):
+    p = torch.nn.Parameter(torch.randn(4, 3))
+    p.grad = torch.randn(4, 3)
+    opt = SM3([p], momentum=0.9)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    del saved["param_groups"][0][missing]
+    saved["state"][0]["step"] = 1  # torch's old format: a Python number
+    q = torch.nn.Parameter(p.detach().clone())
+    fresh = SM3([q], momentum=0.9)
+    fresh.load_state_dict(saved)
+    q.grad, p.grad = p.grad.clone(), p.grad.clone()
+    fresh.step()
+    opt.step()
+    assert torch.equal(p, q) and fresh.state[q]["step"].item() == 2
+
+
+def test_tensor_lr_of_the_wrong_size_uses_torch_wording():
+    with pytest.raises(ValueError, match="^Tensor lr must be 1-element$"):
+        SM3([torch.nn.Parameter(torch.zeros(2))], lr=torch.tensor([0.1, 0.2]))
