@@ -44,6 +44,7 @@ def runs(tmp_path_factory, cache_dir, train_cli):
     for name, processes, grad_accum in (("resumed", 2, 2), ("resharded", 1, 4)):
         shutil.copytree(out["straight"], out[name])
         shutil.rmtree(out[name] / "checkpoints" / "step-000004")
+        (out[name] / "summary.json").unlink()  # as if stopped at step 2: not finished
         out[f"{name}_stdout"] = run(train_cli.torchrun(processes), out[name], *fsdp,
                                     f"trainer.grad_accum={grad_accum}").stdout
     return out
@@ -144,7 +145,7 @@ def test_sharded_checkpoints_keep_k_skip_incomplete_and_refuse_unsafe(tmp_path, 
     assert fresh_optimizer.state_dict()["state"][0]["exp_avg"].full_tensor().abs().sum() > 0
 
     # saving step 5 again (after resuming from 4) replaces the truncated one
-    checkpointer.save(_progress(5))
+    Checkpointer(tmp_path, cfg, model, optimizer, scheduler, sharded=True, keep=3).save(_progress(5))
     assert restorer.load()[1]["step"] == 5
 
     # another model: refused, naming the field

@@ -191,7 +191,7 @@ RANGES = {
     "schedule.warmup_steps": _at_least(0), "schedule.warmup_fraction": _in(0, 1, closed=True),
     "schedule.cooldown_fraction": _in(0, 1, closed=True),
     "model.d_model": _at_least(1), "model.d_ff": _at_least(1), "model.heads": _at_least(1),
-    "model.encoder_layers": _at_least(1), "model.decoder_layers": _at_least(1), "model.dropout": _in(0, 1),
+    "model.encoder_layers": _at_least(0), "model.decoder_layers": _at_least(1), "model.dropout": _in(0, 1),
     "model.label_smoothing": _in(0, 1), "model.max_positions": _at_least(1),
     "data.vocab_size": _at_least(8), "data.max_tokens": _at_least(1), "data.max_len": _at_least(2),
     "data.seq_len": _at_least(1), "data.num_train": _at_least(1), "data.num_valid": _at_least(1),
