@@ -49,7 +49,8 @@ def sharded_model(shapes, mesh) -> torch.nn.Module:
     root.blocks = torch.nn.ModuleList()
     for block_shapes in blocks.values():
         block = torch.nn.Module()
-        block.params = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(s) * 0.02) for s in block_shapes)
+        block.params = torch.nn.ParameterList(torch.nn.Parameter(torch.randn(s, device=mesh.device_type) * 0.02)
+                                              for s in block_shapes)
         fully_shard(block, mesh=mesh)
         root.blocks.append(block)
     fully_shard(root, mesh=mesh)
@@ -62,7 +63,7 @@ def random_grads(params, seed: int) -> list:
     gen = torch.Generator().manual_seed(seed)
     grads = []
     for p in params:
-        local = torch.randn(p.to_local().shape, generator=gen)
+        local = torch.randn(p.to_local().shape, generator=gen).to(p.device)
         grads.append(DTensor.from_local(local, p.device_mesh, p.placements, shape=p.shape, stride=p.stride()))
     return grads
 
@@ -90,15 +91,18 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--threads", type=int, default=0, help="threads per rank (0: cores / ranks)")
     parser.add_argument("--out", type=Path, default=Path("docs/bench_sharded.md"))
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: NCCL, one GPU per rank")
     args = parser.parse_args(argv)
     from torch.distributed.device_mesh import init_device_mesh
 
-    dist.init_process_group("gloo")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // world))
     spec = MODELS[args.model]
     shapes = model_shapes(spec)
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(args.device, (world,))
     runs = {}
     for label, make in OPTIMIZERS.items():
         model = sharded_model(shapes, mesh)
@@ -111,8 +115,12 @@ def main(argv=None) -> None:
     for _ in range(args.rounds):
         for label, (opt, _, times) in runs.items():
             dist.barrier()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             start = time.perf_counter()
             opt.step()
+            if args.device == "cuda":
+                torch.cuda.synchronize()
             dist.barrier()
             times.append(1e3 * (time.perf_counter() - start))
     if rank:
@@ -121,7 +129,8 @@ def main(argv=None) -> None:
     base = statistics.median(runs[BASELINE][2])
     params = sum(torch.Size(s).numel() for _, s in shapes)
     lines = [
-        f"# Sharded optimizer step: {spec.name}, {params / 1e6:.1f}M parameters, FSDP2 over {world} gloo ranks (CPU)",
+        f"# Sharded optimizer step: {spec.name}, {params / 1e6:.1f}M parameters, FSDP2 over {world} "
+        f"{'NCCL ranks (CUDA)' if args.device == 'cuda' else 'gloo ranks (CPU)'}",
         "",
         f"`uv run torchrun --nproc-per-node {world} scripts/bench_sharded.py --model {args.model} "
         f"--rounds {args.rounds}`; torch {torch.__version__}, {torch.get_num_threads()} threads per rank, "
