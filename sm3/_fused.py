@@ -109,12 +109,19 @@ def native_extension():
     return _native
 
 
-@torch.compiler.assume_constant_result
+def _constant_result(fn):
+    # What torch.compiler.assume_constant_result does (it sets this flag on the function), without
+    # importing torch._dynamo when sm3 is imported: that import measured 2-5 s of every process's start.
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_constant_result
 def native_available() -> bool:
     return native_extension() is not None
 
 
-@torch.compiler.assume_constant_result
+@_constant_result
 def triton_available() -> bool:
     try:
         import triton  # noqa: F401

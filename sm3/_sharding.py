@@ -10,18 +10,22 @@ equal single-device SM3 to float rounding.
 
 from __future__ import annotations
 
+import sys
+from typing import TYPE_CHECKING
+
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
-try:
-    import torch.distributed as dist
-    from torch.distributed.tensor import DTensor, Replicate, Shard
-except ImportError:  # torch built without distributed support
-    DTensor = None
+if TYPE_CHECKING:
+    from torch.distributed.tensor import DTensor
 
 
 def is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    # torch.distributed.tensor is imported only where DTensors exist (it measured 2-3 s of every
+    # process's start): until something has imported it, no tensor can be one.
+    module = sys.modules.get("torch.distributed.tensor")
+    return module is not None and isinstance(t, module.DTensor)
 
 
 def _shards(p: "DTensor") -> list[tuple[int, "dist.ProcessGroup"]]:
@@ -37,6 +41,8 @@ def _shards(p: "DTensor") -> list[tuple[int, "dist.ProcessGroup"]]:
 
 def dim_accumulator(p: "DTensor", dim: int, dtype: torch.dtype) -> "DTensor":
     """A zero accumulator for dimension ``dim`` of ``p``, sharded where that dimension is."""
+    from torch.distributed.tensor import DTensor, Replicate, Shard
+
     placements = [Shard(0) if pl.is_shard() and pl.dim == dim else Replicate() for pl in p.placements]
     local = torch.zeros(p.to_local().shape[dim], dtype=dtype, device=p.to_local().device)
     return DTensor.from_local(local, p.device_mesh, placements, shape=(p.shape[dim],), stride=(1,))

@@ -134,13 +134,11 @@ def test_out_of_range_values_and_unknown_keys_are_refused(compose, override, nam
 
 
 def test_bad_values_through_the_cli_are_one_line_and_exit_2(tmp_path, train_cli, one_line_error):
-    for override, named in [("trainer.grad_accum=0", "trainer.grad_accum=0 is out of range (valid: >= 1)"),
-                            ("+optim.lrr=0.1", "valid keys of optim: name, lr,")]:
-        result = train_cli([override, "logger=none", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, check=False)
-        assert named in one_line_error(result) and "Error executing job" not in result.stderr
-    result = train_cli(["optim=adamw"], tmp_path, check=False)
+    result = train_cli(["+optim.lrr=0.1", "trainer.grad_accum=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                       tmp_path, check=False)
     line = one_line_error(result)
-    assert "sm3" in line and "optim_schema" not in line  # the valid optimizers, and no internal names
+    assert "valid keys of optim: name, lr," in line and "trainer.grad_accum=0 is out of range (valid: >= 1)" in line
+    assert "Error executing job" not in result.stderr
 
 
 def test_an_unwritable_run_directory_is_one_line(tmp_path, train_cli, one_line_error):
@@ -158,17 +156,6 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path, train_cli, one_line_e
         assert "Read-only file system" in line and "hydra.run.dir" in line
     finally:
         subprocess.run(["umount", str(read_only)], check=True)
-
-
-def test_resuming_with_another_optimizer_is_refused_before_anything_is_written(tmp_path, tiny, train_cli,
-                                                                              one_line_error):
-    run_dir = tmp_path / "run"
-    train_cli([*tiny, "trainer.max_steps=2", "trainer.eval_interval=1000", f"hydra.run.dir={run_dir}"], tmp_path)
-    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
-    result = train_cli([*tiny, "optim=adam", "trainer.max_steps=4", f"hydra.run.dir={run_dir}"], tmp_path, check=False)
-    line = one_line_error(result)
-    assert "optim.name: checkpoint 'sm3' vs config 'adam'" in line and "trainer.resume=never" in line
-    assert {name: (run_dir / name).read_bytes() for name in before} == before
 
 
 def test_sigterm_stops_a_multirun_and_the_same_command_resumes_then_skips(tmp_path, tiny, train_cli, metrics,

@@ -206,9 +206,10 @@ def test_nan_steps_skipped_and_a_failing_multirun_job_does_not_stop_the_sweep(tm
     assert [r["skipped_steps"] for r in records if "loss" not in r and "valid_loss" not in r] == [1, 2]
 
 
-def test_resume_survives_a_torn_or_missing_metrics_log(tmp_path, run_train, metrics):
+def test_resume_survives_a_torn_or_missing_metrics_log(tmp_path, run_train, metrics, one_line_error):
     """A log is never a reason not to resume: a torn last line (a crash or a full disk mid-write) is dropped,
-    and a missing metrics.jsonl starts afresh."""
+    and a missing metrics.jsonl starts afresh. Resuming with another optimizer is refused before anything in the
+    run directory is written."""
     run_dir = tmp_path / "run"
     args = ["trainer.checkpoint_interval=1", f"hydra.run.dir={run_dir}"]
     assert run_train([*args, "trainer.max_steps=2"]).returncode == 0
@@ -221,3 +222,7 @@ def test_resume_survives_a_torn_or_missing_metrics_log(tmp_path, run_train, metr
     resumed = run_train([*args, "trainer.max_steps=4"])
     assert resumed.returncode == 0 and "at step 3" in resumed.stdout, resumed.stdout + resumed.stderr
     assert [r["step"] for r in metrics(run_dir) if "loss" in r] == [4]
+    before = {name: (run_dir / name).read_bytes() for name in ("config.yaml", "metrics.jsonl")}
+    line = one_line_error(run_train([*args, "optim=adam", "trainer.max_steps=5"]))
+    assert "optim.name: checkpoint 'sm3' vs config 'adam'" in line and "trainer.resume=never" in line
+    assert {name: (run_dir / name).read_bytes() for name in before} == before

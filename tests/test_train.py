@@ -165,6 +165,7 @@ def test_bad_config_gives_a_clear_error(tmp_path, train_cli):
     result = train_cli(["optim=adamw"], tmp_path, check=False)
     out = result.stderr + result.stdout
     assert result.returncode == 2 and "adamw" in out and "sm3" in out  # lists the valid choices
+    assert "optim_schema" not in out  # and no internal names
     result = train_cli(["logger.mode=sometimes"], tmp_path, check=False)
     assert result.returncode != 0 and "online" in result.stderr + result.stdout
 
