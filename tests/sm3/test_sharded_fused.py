@@ -38,12 +38,20 @@ def _inputs(step):
     return [torch.randn(s, generator=gen) for s in SHAPES]
 
 
-def _counting(calls, real):
-    def all_reduce(tensor, *args, **kwargs):
+def _all_reduces_of_step(opt) -> list[int]:
+    """The element count of each all-reduce one ``opt.step()`` issues."""
+    calls, real = [], dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
         calls.append(tensor.numel())
         return real(tensor, *args, **kwargs)
 
-    return all_reduce
+    dist.all_reduce = counting
+    try:
+        opt.step()
+    finally:
+        dist.all_reduce = real
+    return calls
 
 
 def _fsdp_worker(rank, world_size, store, hparams):
@@ -59,18 +67,12 @@ def _fsdp_worker(rank, world_size, store, hparams):
         fully_shard(model, mesh=init_device_mesh("cpu", (world_size,)))
         opt = SM3(model.parameters(), lr=0.1, fused=True, **hparams)
         ref_opt = SM3(reference.parameters(), lr=0.1, fused=False, **hparams)
-        launches, calls = [], []
-        real_launch, real_all_reduce = _fused._launch, dist.all_reduce
+        launches, real_launch = [], _fused._launch
         _fused._launch = lambda params, *rest: launches.append(len(params)) or real_launch(params, *rest)
         for step in range(3):
             model(_inputs(step)).backward()
             reference(_inputs(step)).backward()
-            del calls[:]
-            dist.all_reduce = _counting(calls, real_all_reduce)
-            try:
-                opt.step()
-            finally:
-                dist.all_reduce = real_all_reduce
+            calls = _all_reduces_of_step(opt)
             ref_opt.step()
             opt.zero_grad()
             ref_opt.zero_grad()
@@ -110,17 +112,11 @@ def _tensor_parallel_worker(rank, world_size, store):
         plain = [torch.nn.Parameter(t.clone()) for t in starts]
         hparams = dict(lr=0.1, momentum=0.9, beta=0.5, weight_decay=0.01)
         opt, ref_opt = SM3(sharded, fused=True, **hparams), SM3(plain, fused=False, **hparams)
-        calls, real_all_reduce = [], dist.all_reduce
         for _ in range(3):
             for p, q, (_, d) in zip(sharded, plain, layout):
                 g = torch.randn(q.shape, generator=gen)
                 q.grad, p.grad = g, distribute_tensor(g, mesh, [Shard(d)])
-            del calls[:]
-            dist.all_reduce = _counting(calls, real_all_reduce)
-            try:
-                opt.step()
-            finally:
-                dist.all_reduce = real_all_reduce
+            calls = _all_reduces_of_step(opt)
             ref_opt.step()
             assert len(calls) == 1, calls
         for p, q in zip(sharded, plain):
