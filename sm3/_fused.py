@@ -139,7 +139,7 @@ def supports(p: Tensor, grad: Tensor, momentum_dtype: torch.dtype | None) -> boo
     if p.device.type == "cpu":
         return native_available()
     if p.device.type == "cuda":
-        return p.dim() <= 2 and triton_available()
+        return triton_available()
     return False
 
 

@@ -4,22 +4,25 @@ A Transformer has ~250 parameter tensors, many tiny: one launch each cost more t
 arithmetic. So every launch steps many tensors (as ``multi_tensor_apply`` does): a table of
 int64 addresses and sizes, one row per tensor, built on the host and copied to the device in one
 tensor per step, and a table of (tensor, block) pairs, one per program. A program loads its
-tensor's addresses and casts them to typed pointers. Launches: one per (kind, dtypes, alignment)
-group (normally two, rank 2 and rank 0/1), plus the zeroed maxima buffer and one multi-tensor
-copy.
+tensor's addresses and casts them to typed pointers. Launches: one per (rank, dtypes, alignment)
+group (normally two, rank 2 and rank 0/1; one more per other rank present), plus the zeroed
+maxima buffer and one multi-tensor copy.
 
-Rank 2: (BLOCK_R x BLOCK_C) tiles. Each tile reads its rows' and columns' accumulators, computes
-nu, updates the parameter (and momentum) and folds the tile's row and column maxima into zeroed
-buffers with float atomic max (nu >= 0, so the maxima are exact and order-independent); the
-buffers replace the accumulators after the launch. Rank 0/1: elementwise. Rank >= 3 takes the
-default path on CUDA (see ``sm3._fused.supports``).
+Rank k >= 2: the tensor seen as an (n_0, n_1 * ... * n_{k-1}) matrix, in (BLOCK_R x BLOCK_C)
+tiles. Each tile reads the accumulators of its rows (dimension 0) and of its columns' indices in
+dimensions 1 .. k-1 (split from the column by div/mod with the shape), computes nu, updates the
+parameter (and momentum) and folds the tile's row maxima, and its column maxima by their index in
+each later dimension, into zeroed buffers with float atomic max (nu >= 0, so the maxima are exact
+and order-independent); the buffers replace the accumulators after the launch. Rank 0/1:
+elementwise.
 
 Hyperparameters are runtime scalars and the kernels are specialised only on dtypes, alignment and
-the momentum switch, so a learning-rate schedule never triggers a recompilation.
+the momentum switch (and the rank), so a learning-rate schedule never triggers a recompilation.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections import OrderedDict
 
 import torch
@@ -31,11 +34,11 @@ from sm3._hyperparams import Hyperparams
 
 _BLOCK_R, _BLOCK_C, _BLOCK = 16, 256, 2048
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-# Address-table rows, one per tensor. Rank 2 (9 fields): x, g, m, row_acc, col_acc, the offsets
-# of its row and column maxima in the step's maxima buffer, n_rows, n_cols. Rank 0/1 (5 fields):
+# Address-table rows, one per tensor. Rank k >= 2 (3 + 3k fields): x, g, m, acc_0 .. acc_{k-1},
+# the offsets of their maxima in the step's maxima buffer, n_0 .. n_{k-1}. Rank 0/1 (5 fields):
 # x, g, m, acc, n.
-# ALIGNED kernels: every address a multiple of 16 bytes, and n_cols (rank 2) or n (rank 0/1) a
-# multiple of 16 elements, so that rows and masks split into whole vectors.
+# ALIGNED kernels: every address a multiple of 16 bytes, and n_1 * ... * n_{k-1} (rank k >= 2) or
+# n (rank 0/1) a multiple of 16 elements, so that rows and masks split into whole vectors.
 _INDEX_CACHE: OrderedDict = OrderedDict()  # (device, blocks per tensor) -> device index table
 _INDEX_CACHE_SIZE = 32
 
@@ -63,19 +66,21 @@ def _tail(x_ptr, m_ptr, offs, mask, g, nu, x, m, neg_lr, momentum, eps, decay,
 @triton.jit
 def _factored_kernel(table, index, maxima, neg_lr, momentum, acc_coef, sq_coef, eps, decay, sign,
                      X_DTYPE: tl.constexpr, M_DTYPE: tl.constexpr, HAS_M: tl.constexpr,
-                     ALIGNED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                     ALIGNED: tl.constexpr, RANK: tl.constexpr, BLOCK_R: tl.constexpr,
+                     BLOCK_C: tl.constexpr):
+    # The tensor as a (n_0, n_1 * ... * n_{RANK-1}) matrix: rows are dimension 0, and a column
+    # splits by div/mod into the indices of dimensions 1 .. RANK-1 (for RANK 2, the column).
     pid = tl.program_id(0)
-    row = table + tl.load(index + 2 * pid).to(tl.int64) * 9
+    row = table + tl.load(index + 2 * pid).to(tl.int64) * (3 + 3 * RANK)
     tile = tl.load(index + 2 * pid + 1)
     x_ptr = _pointer(row, 0, X_DTYPE, ALIGNED)
     g_ptr = _pointer(row, 1, X_DTYPE, ALIGNED)
     m_ptr = _pointer(row, 2, M_DTYPE, ALIGNED)
-    row_acc = _pointer(row, 3, tl.float32, ALIGNED)
-    col_acc = _pointer(row, 4, tl.float32, ALIGNED)
-    row_max = maxima + tl.load(row + 5)
-    col_max = maxima + tl.load(row + 6)
-    n_rows = tl.load(row + 7).to(tl.int32)
-    n_cols = tl.load(row + 8).to(tl.int32)
+    sizes = row + 3 + 2 * RANK
+    n_rows = tl.load(sizes).to(tl.int32)
+    n_cols = tl.load(sizes + 1).to(tl.int32)
+    for d in tl.static_range(2, RANK):
+        n_cols *= tl.load(sizes + d).to(tl.int32)
     if ALIGNED:
         n_cols = tl.multiple_of(n_cols, 16)
     col_tiles = tl.cdiv(n_cols, BLOCK_C)
@@ -84,8 +89,15 @@ def _factored_kernel(table, index, maxima, neg_lr, momentum, acc_coef, sq_coef, 
     row_in, col_in = rows < n_rows, cols < n_cols
     mask = row_in[:, None] & col_in[None, :]
     offs = rows.to(tl.int64)[:, None] * n_cols + cols[None, :]
-    a_row = tl.load(row_acc + rows, mask=row_in, other=0.0)
-    a_col = tl.load(col_acc + cols, mask=col_in, other=0.0)
+    a_row = tl.load(_pointer(row, 3, tl.float32, ALIGNED) + rows, mask=row_in, other=0.0)
+    a_col = tl.full([BLOCK_C], float("inf"), tl.float32)  # min over dimensions 1 .. RANK-1
+    rest = cols
+    for k in tl.static_range(1, RANK):  # the last dimension varies fastest
+        d = RANK - k
+        n_d = tl.load(sizes + d).to(tl.int32)
+        a_d = _pointer(row, 3 + d, tl.float32, ALIGNED)
+        a_col = tl.minimum(a_col, tl.load(a_d + rest % n_d, mask=col_in, other=0.0))
+        rest = rest // n_d
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32) * sign
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = 0.0
@@ -93,8 +105,15 @@ def _factored_kernel(table, index, maxima, neg_lr, momentum, acc_coef, sq_coef, 
         m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     nu = acc_coef * tl.minimum(a_row[:, None], a_col[None, :]) + sq_coef * g * g
     nu = tl.where(mask, nu, 0.0)
-    tl.atomic_max(row_max + rows, tl.max(nu, axis=1), mask=row_in)
-    tl.atomic_max(col_max + cols, tl.max(nu, axis=0), mask=col_in)
+    # Dimension 0's maxima are the rows'; dimension d's gather the columns' maxima by index.
+    tl.atomic_max(maxima + tl.load(row + 3 + RANK) + rows, tl.max(nu, axis=1), mask=row_in)
+    col_max = tl.max(nu, axis=0)
+    rest = cols
+    for k in tl.static_range(1, RANK):
+        d = RANK - k
+        n_d = tl.load(sizes + d).to(tl.int32)
+        tl.atomic_max(maxima + tl.load(row + 3 + RANK + d) + rest % n_d, col_max, mask=col_in)
+        rest = rest // n_d
     _tail(x_ptr, m_ptr, offs, mask, g, nu, x, m, neg_lr, momentum, eps, decay, HAS_M)
 
 
@@ -144,8 +163,7 @@ def _block_index(counts: tuple[int, ...], device: torch.device) -> Tensor:
 
 def fused_step(params: list[Tensor], grads: list[Tensor], accumulators: list[Tensor],
                momentum_buffers: list[Tensor], hyper: Hyperparams) -> None:
-    """Same contract as the ``sm3::fused_step_`` op (``hyper.lr`` a float); parameters of rank
-    <= 2 only."""
+    """Same contract as the ``sm3::fused_step_`` op (``hyper.lr`` a float)."""
     lr, beta = hyper.lr, hyper.beta
     scalars = dict(
         neg_lr=-lr, momentum=hyper.momentum,
@@ -154,9 +172,10 @@ def fused_step(params: list[Tensor], grads: list[Tensor], accumulators: list[Ten
     )
     has_m = bool(momentum_buffers)
     device = params[0].device
-    # group key (rank 2?, x dtype, m dtype, aligned) -> (address-table rows, blocks per tensor)
+    # group key (rank, 0 for 0/1; x dtype, m dtype, aligned) -> (address-table rows, blocks per
+    # tensor)
     groups: dict = {}
-    targets, sizes = [], []  # rank-2 accumulators and their lengths, in maxima order
+    targets, sizes = [], []  # rank >= 2 accumulators and their lengths, in maxima order
     next_acc = next_max = 0
     for i, (p, g) in enumerate(zip(params, grads)):
         m = momentum_buffers[i] if has_m else p  # a placeholder address when there is none
@@ -168,30 +187,29 @@ def fused_step(params: list[Tensor], grads: list[Tensor], accumulators: list[Ten
                 continue
             x_a, g_a, m_a, acc_a = p.data_ptr(), g.data_ptr(), m.data_ptr(), acc.data_ptr()
             aligned = not (x_a | g_a | m_a | acc_a | n) % 16
-            rows, counts = groups.setdefault((False, p.dtype, m.dtype, aligned), ([], []))
+            rows, counts = groups.setdefault((0, p.dtype, m.dtype, aligned), ([], []))
             rows += (x_a, g_a, m_a, acc_a, n)
             counts.append(-(-n // _BLOCK))
             continue
-        if rank != 2:
-            raise ValueError(f"sm3 triton: rank {rank} is not supported (rank <= 2 only)")
-        row_acc, col_acc = accumulators[next_acc], accumulators[next_acc + 1]
-        next_acc += 2
+        accs = accumulators[next_acc:next_acc + rank]
+        next_acc += rank
         if not n:
             continue
-        n_rows, n_cols = p.shape
         x_a, g_a, m_a = p.data_ptr(), g.data_ptr(), m.data_ptr()
-        r_a, c_a = row_acc.data_ptr(), col_acc.data_ptr()
-        aligned = not (x_a | g_a | m_a | r_a | c_a | n_cols) % 16
-        rows, counts = groups.setdefault((True, p.dtype, m.dtype, aligned), ([], []))
-        # the row and column maxima: offsets into the step's maxima buffer
-        rows += (x_a, g_a, m_a, r_a, c_a, next_max, next_max + n_rows, n_rows, n_cols)
-        counts.append(-(-n_rows // _BLOCK_R) * -(-n_cols // _BLOCK_C))
-        targets += (row_acc, col_acc)
-        sizes += (n_rows, n_cols)
-        next_max += n_rows + n_cols
+        acc_a = [a.data_ptr() for a in accs]
+        n_cols = n // p.shape[0]
+        aligned = not any(v % 16 for v in (x_a, g_a, m_a, *acc_a, n_cols))
+        rows, counts = groups.setdefault((rank, p.dtype, m.dtype, aligned), ([], []))
+        # each dimension's maxima: offsets into the step's maxima buffer
+        offsets = itertools.accumulate(p.shape[:-1], initial=next_max)
+        rows += (x_a, g_a, m_a, *acc_a, *offsets, *p.shape)
+        counts.append(-(-p.shape[0] // _BLOCK_R) * -(-n_cols // _BLOCK_C))
+        targets += accs
+        sizes += p.shape
+        next_max += sum(p.shape)
     if not groups:
         return
-    # One zeroed buffer holds the new maxima of every rank-2 parameter: one allocation and one
+    # One zeroed buffer holds the new maxima of every rank >= 2 parameter: one allocation and one
     # multi-tensor copy per step instead of three launches per parameter.
     maxima = torch.zeros(next_max, dtype=torch.float32, device=device) if next_max else None
     # Every group's address rows in one tensor: one host-to-device copy per step. Rebuilt each
@@ -206,15 +224,15 @@ def fused_step(params: list[Tensor], grads: list[Tensor], accumulators: list[Ten
         # From pinned memory the copy is asynchronous (a pageable one waits for the stream), and
         # torch's pinned allocator keeps the block until the copy has run.
         table = table.pin_memory().to(device, non_blocking=True)
-    for (is_factored, x_dtype, m_dtype, aligned), (_, counts), start in zip(
+    for (rank, x_dtype, m_dtype, aligned), (_, counts), start in zip(
             groups, groups.values(), starts):
         index = _block_index(tuple(counts), device)
         if device.type == "cuda":  # cached: may be evicted while a launch on this stream reads it
             index.record_stream(torch.cuda.current_stream(device))
         grid = (index.numel() // 2,)
         kinds = dict(X_DTYPE=_TL[x_dtype], M_DTYPE=_TL[m_dtype], HAS_M=has_m, ALIGNED=aligned)
-        if is_factored:
-            _factored_kernel[grid](table[start:], index, maxima, **scalars, **kinds,
+        if rank:
+            _factored_kernel[grid](table[start:], index, maxima, **scalars, **kinds, RANK=rank,
                                    BLOCK_R=_BLOCK_R, BLOCK_C=_BLOCK_C)
         else:
             _diagonal_kernel[grid](table[start:], index, **scalars, **kinds, BLOCK=_BLOCK)
