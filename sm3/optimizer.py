@@ -84,7 +84,7 @@ class SM3(Optimizer):
             available; ``False`` forces the default path. A parameter still takes the
             default path when its gradient is sparse, its dtype is not float32, bfloat16 or
             float16, it is not contiguous, it lives on a device other than CPU/CUDA, it is a
-            CUDA tensor of rank >= 3 or Triton is missing, or the CPU kernel cannot be built
+            CUDA tensor and Triton is missing, or the CPU kernel cannot be built
             (no compiler: one warning, then the default path). The fused path agrees with
             the default path to float32 rounding. Sharded (DTensor) parameters (FSDP2,
             tensor parallelism) go through the kernel on their local shards, and the maxima
@@ -94,7 +94,7 @@ class SM3(Optimizer):
             learning rate is passed as a tensor and never triggers a recompilation (the
             first step, which creates the state, compiles a graph of its own). On CUDA a step
             is a constant number of Triton launches however many parameters there are (two
-            for float32: matrices, and vectors), driven by a table of tensor addresses that is
+            for float32: matrices, and vectors; one more per other rank), driven by a table of tensor addresses that is
             copied to the device every step (so the step cannot be captured in a CUDA graph).
         momentum_dtype: dtype of ``momentum_buffer`` (default: the parameter's dtype);
             ``torch.bfloat16`` halves its memory. Arithmetic stays in the statistics dtype.

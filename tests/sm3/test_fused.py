@@ -230,7 +230,7 @@ def test_triton_kernel_under_the_interpreter(triton_interpreter):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_fused_matches_default_path():
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for shape in [(7,), (300, 700), (4, 3, 2)]:
+    for shape in [(7,), (300, 700), (4, 3, 2), (64, 3, 3, 3)]:
         start = torch.randn(shape, generator=gen, device="cuda")
         p, q = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
         a, b = SM3([p], fused=True, momentum=0.9, lr=0.1), SM3([q], fused=False, momentum=0.9, lr=0.1)
