@@ -305,21 +305,34 @@ def generate_splits(num_train: int, num_valid: int, num_test: int, seed: int
     }
 
 
-def builtin_params_hash(num_train: int, num_valid: int, num_test: int, seed: int) -> str:
-    params = {"version": GENERATOR_VERSION, "num_train": num_train,
+# The built-in generators: data.name -> (module's generate_splits, its GENERATOR_VERSION).
+def _generators() -> dict:
+    from . import sentences
+
+    return {"builtin": (generate_splits, GENERATOR_VERSION),
+            "builtin_sentences": (sentences.generate_splits, sentences.GENERATOR_VERSION)}
+
+
+def builtin_params_hash(num_train: int, num_valid: int, num_test: int, seed: int,
+                        name: str = "builtin") -> str:
+    params = {"version": _generators()[name][1], "num_train": num_train,
               "num_valid": num_valid, "num_test": num_test, "seed": seed}
+    if name != "builtin":  # the phrases keep the directory they always had
+        params["name"] = name
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_builtin_jsonl(cache_dir: str | os.PathLike, num_train: int, num_valid: int,
-                        num_test: int, seed: int) -> dict[str, str]:
-    """Write the splits as JSONL under cache_dir (only if missing); return split -> path."""
-    directory = Path(cache_dir) / f"builtin-{builtin_params_hash(num_train, num_valid, num_test, seed)}"
+                        num_test: int, seed: int, name: str = "builtin") -> dict[str, str]:
+    """Write the splits of built-in corpus `name` (`builtin`: these phrases, `builtin_sentences`:
+    `data.sentences`) as JSONL under cache_dir, only if missing; return split -> path."""
+    digest = builtin_params_hash(num_train, num_valid, num_test, seed, name)
+    directory = Path(cache_dir) / f"{name}-{digest}"
     paths = {split: str(directory / f"{split}.jsonl") for split in ("train", "valid", "test")}
     if all(os.path.exists(p) for p in paths.values()):
         return paths
     directory.mkdir(parents=True, exist_ok=True)
-    for split, pairs in generate_splits(num_train, num_valid, num_test, seed).items():
+    for split, pairs in _generators()[name][0](num_train, num_valid, num_test, seed).items():
         # Write then rename, so a concurrent reader (another rank) never sees half a file.
         tmp = f"{paths[split]}.tmp{os.getpid()}"
         with open(tmp, "w", encoding="utf-8") as f:

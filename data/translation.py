@@ -18,7 +18,7 @@ from .tokenizer import Tokenizer, train_or_load_tokenizer
 
 logger = logging.getLogger(__name__)
 
-CORPORA = ("builtin", "wmt14_en_fr", "wmt14_en_de", "local")
+CORPORA = ("builtin", "builtin_sentences", "wmt14_en_fr", "wmt14_en_de", "local")
 
 # The built-in task does not depend on the training seed, so runs with different
 # seeds train and evaluate on the same sentences; the seed only orders batches.
@@ -29,7 +29,7 @@ BUILTIN_DATA_SEED = 0
 class DataConfig:
     """Schema of the `data` config group."""
 
-    name: str = "builtin"  # builtin | wmt14_en_fr | wmt14_en_de | local
+    name: str = "builtin"  # builtin | builtin_sentences | wmt14_en_fr | wmt14_en_de | local
     source_lang: str = "en"
     target_lang: str = "fr"
     # local: each split is a .tsv / .jsonl file, or a source text file plus its
@@ -92,12 +92,12 @@ class TranslationData:
 
 def _read_corpus(cfg: DataConfig, cache_dir: str) -> dict[str, tuple[list[str], list[str]]]:
     hf_cache = os.path.join(cache_dir, "hf")
-    if cfg.name == "builtin":
+    if cfg.name in ("builtin", "builtin_sentences"):
         if (cfg.source_lang, cfg.target_lang) != ("en", "fr"):
-            raise DataError("the builtin corpus is en->fr; got data.source_lang="
+            raise DataError(f"the {cfg.name} corpus is en->fr; got data.source_lang="
                             f"{cfg.source_lang!r}, data.target_lang={cfg.target_lang!r}")
         paths = write_builtin_jsonl(cache_dir, cfg.num_train, cfg.num_valid, cfg.num_test,
-                                    BUILTIN_DATA_SEED)
+                                    BUILTIN_DATA_SEED, cfg.name)
         return load_jsonl_splits(paths, hf_cache)
     if cfg.name in ("wmt14_en_fr", "wmt14_en_de"):
         pair = "fr-en" if cfg.name == "wmt14_en_fr" else "de-en"
