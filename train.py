@@ -263,8 +263,8 @@ def pace_report(cfg, step: int, seconds_per_step: float, started: float) -> str:
             "a smaller model, such as model=transformer_tiny on a CPU, fits the budget)")
 
 
-def train_loop(run: Run, preemption: Preemption, started: float) -> float:
-    """Steps until trainer.max_steps (or max_minutes, or a signal); returns the seconds spent in steps."""
+def train_loop(run: Run, preemption: Preemption, started: float) -> None:
+    """Steps until trainer.max_steps (or max_minutes, or a signal)."""
     trainer, state = run.cfg.trainer, run.state
     batches, bad_in_a_row, first_step, paced_from = TrainBatches(run), 0, state.step, 0.0
     train_seconds, window_tokens, window_seconds = 0.0, 0, 0.0
@@ -279,6 +279,7 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> float:
             bad_in_a_row = 0 if result.finite else bad_in_a_row + 1
             state.skipped_steps += not result.finite
             seconds = time.time() - step_start
+            state.train_seconds += seconds
             train_seconds, window_tokens, window_seconds = (train_seconds + seconds, window_tokens + result.tokens,
                                                             window_seconds + seconds)
             bar.update(1)
@@ -295,10 +296,10 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> float:
                 bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens_per_second:.0f}")
                 run.log.log({"step": state.step, "loss": result.loss, "lr": lr,
                              "tokens_per_second": tokens_per_second, "epoch": state.epoch,
-                             "skipped_steps": state.skipped_steps})
+                             "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds})
             if (run.is_main or run.fsdp) and state.step % trainer.eval_interval == 0 and state.step < trainer.max_steps:
                 results = numbers(evaluate(run, "valid"))
-                run.log.log({"step": state.step, **results})
+                run.log.log({"step": state.step, "train_seconds": state.train_seconds, **results})
                 if run.is_main:
                     bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
             if signalled:
@@ -309,10 +310,9 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> float:
             if time_up:
                 print(f"Stopping at step {state.step}: trainer.max_minutes={trainer.max_minutes} reached")
                 break
-    return train_seconds
 
 
-def finish(run: Run, train_seconds: float, started: float) -> float:
+def finish(run: Run, started: float) -> float:
     """Save, evaluate on valid and test, write summary.json; returns the value a sweeper maximises."""
     run.checkpointer.save(run.state.state_dict())
     if not (run.is_main or run.fsdp):
@@ -322,14 +322,16 @@ def finish(run: Run, train_seconds: float, started: float) -> float:
         return float("nan")
     examples = {k: v for k, v in results.items() if "example" in k}
     state, task = run.state, run.task
-    run.log.log({"step": state.step, **numbers(results)})
+    run.log.log({"step": state.step, "train_seconds": state.train_seconds, **numbers(results)})
     summary = {
         "step": state.step,
         **numbers(results),
         "tokens": state.tokens,
         "skipped_steps": state.skipped_steps,
-        "tokens_per_second": state.tokens / train_seconds if train_seconds else None,  # this session's steps
+        "tokens_per_second": state.tokens / state.train_seconds if state.train_seconds else None,
+        "train_seconds": state.train_seconds,  # in steps, every session of the run; wall_seconds: this session
         "parameters": sum(p.numel() for p in run.model.parameters()),
+        "vocab_size": task.tokenizer.vocab_size,
         "optimizer_state_bytes": optimizer_state_bytes(run.optimizer),
         "peak_memory_bytes": peak_memory_bytes(run.device),
         "wall_seconds": time.time() - started,
@@ -348,8 +350,8 @@ def train(cfg: DictConfig, run_dir: Path) -> float:
         run = set_up(cfg, run_dir)
         with Preemption(cfg.trainer.requeue_exit_code) as preemption:
             run.model.train()
-            train_seconds = train_loop(run, preemption, started)
-            return finish(run, train_seconds, started)
+            train_loop(run, preemption, started)
+            return finish(run, started)
     finally:
         if run is not None:
             run.log.close()

@@ -9,6 +9,10 @@ gives, per job: the overrides that differ between jobs, experiment, optimizer, l
 rate, batch (data.max_tokens x trainer.grad_accum), final test BLEU (or perplexity, for
 language models) of the last iterate and of the averaged parameters, optimizer-state and
 peak memory in MB, tokens/s, and the status (ok / failed: reason / incomplete).
+
+Jobs that differ only in `trainer.seed` form a setting: a second table gives each setting's test
+metric as mean ± standard deviation over its seeds, and `seeds.png` its validation curves, the
+mean with a band of ± one standard deviation.
 """
 
 from __future__ import annotations
@@ -253,6 +257,87 @@ def draw_plots(jobs: list[Job], labels: dict[str, str], metric: str, metric_name
     return written
 
 
+def seed_groups(jobs: list[Job]) -> dict[str, list[Job]]:
+    """Finished jobs that differ only in trainer.seed, keyed by their overrides without it."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.summary is not None:
+            key = ",".join(o for o in split_overrides(job.name) if o.split("=", 1)[0] != "trainer.seed")
+            groups.setdefault(key or "(defaults)", []).append(job)
+    return groups
+
+
+def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
+    """Mean and sample standard deviation (None for one value); NaN for no finite value."""
+    values = [v for v in values if v is not None and math.isfinite(v)]
+    if not values:
+        return math.nan, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def fmt_mean_std(values: list[float], digits: int = 2) -> str:
+    mean, std = mean_std(values)
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if std is not None else "")
+
+
+def seeds_table(groups: dict[str, list[Job]], metric: str, metric_name: str) -> str:
+    """Per setting: seeds, test metric (averaged parameters, then last iterate) and valid metric as
+    mean ± std over the seeds, and tokens/s."""
+    header = ["setting", "seeds", f"test {metric_name} (averaged)", f"test {metric_name}",
+              f"valid {metric_name} (averaged)", "tokens/s"]
+    rows = [header, ["---"] * len(header)]
+    for key, group in groups.items():
+        column = lambda name: [j.summary.get(name) for j in group]  # noqa: E731
+        rows.append([f"`{key}`", str(len(group)), fmt_mean_std(column(f"test_{metric}_averaged")),
+                     fmt_mean_std(column(f"test_{metric}")), fmt_mean_std(column(f"valid_{metric}_averaged")),
+                     fmt_mean_std(column("tokens_per_second"), 0)])
+    return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
+
+
+def draw_seed_bands(groups: dict[str, list[Job]], metric: str, metric_name: str, path: Path,
+                    x: str = "step", labels: Optional[dict[str, str]] = None) -> Path:
+    """Validation metric of the averaged parameters against `x` ("step", or "train_seconds" for equal
+    wall time): each setting's mean over seeds, with a band of ± one standard deviation."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for key, group in groups.items():
+        curves = [_series_by(job.records, x, f"valid_{metric}_averaged") for job in group]
+        points = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        if not points:
+            continue
+        stats = [mean_std([c[p][1] for c in curves]) for p in points]
+        xs = [sum(c[p][0] for c in curves) / len(curves) for p in points]  # mean x (seconds differ)
+        means = [m for m, _ in stats]
+        spread = [s or 0.0 for _, s in stats]
+        line, = ax.plot(xs, means, marker="o", markersize=3, label=(labels or {}).get(key, key) + f" ({len(group)} seeds)")
+        ax.fill_between(xs, [m - d for m, d in zip(means, spread)], [m + d for m, d in zip(means, spread)],
+                        color=line.get_color(), alpha=0.2)
+    ax.set(xlabel={"step": "step", "train_seconds": "training time (s, this CPU)"}.get(x, x),
+           ylabel=f"validation {metric_name} (averaged parameters)",
+           title=f"Validation {metric_name}: mean over seeds, band ± 1 std")
+    if metric == "ppl":
+        ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _series_by(records: list[dict], x: str, key: str) -> dict[int, tuple[float, float]]:
+    """step -> (x, value) of the records that have `key` (x is the step itself, or another field)."""
+    return {r["step"]: (r.get(x, r["step"]) if x != "step" else r["step"], r[key]) for r in records
+            if isinstance(r.get(key), (int, float)) and "step" in r and (x == "step" or x in r)}
+
+
 def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -276,7 +361,12 @@ def compare(root: Path, out: Optional[Path] = None) -> str:
     lines = [f"# {root.name}: {len(jobs)} jobs", ""]
     if common:
         lines += ["Overrides shared by every job: " + ", ".join(f"`{o}`" for o in common), ""]
-    lines += [table, *(f"![{p.stem}]({os.path.relpath(p, out)})" for p in plots), ""]
+    lines.append(table)
+    groups = seed_groups(jobs)
+    if any(len(g) > 1 for g in groups.values()):
+        lines += ["Over seeds (mean ± std):", "", seeds_table(groups, metric, metric_name)]
+        plots.append(draw_seed_bands(groups, metric, metric_name, out / "seeds.png"))
+    lines += [*(f"![{p.stem}]({os.path.relpath(p, out)})" for p in plots), ""]
     (out / "comparison.md").write_text("\n".join(lines))
     return table
 

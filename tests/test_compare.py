@@ -54,3 +54,29 @@ def test_compare_a_real_multirun_with_a_failed_job(tmp_path, tiny, train_cli):
     assert "| incomplete |" in table.replace("`optim=sgd`", "")
     assert (tmp_path / "plots" / "loss.png").stat().st_size > 10_000
     assert "![loss](loss.png)" in (tmp_path / "plots" / "comparison.md").read_text()  # links relative to it
+
+
+def _fake_job(root: Path, name: str, bleu: float, curve: list[float]) -> None:
+    job = root / name
+    job.mkdir(parents=True)
+    (job / "config.yaml").write_text("optim:\n  name: sm3\n")
+    records = [{"step": 100 * (i + 1), "train_seconds": 10.0 * (i + 1), "valid_bleu_averaged": v}
+               for i, v in enumerate(curve)]
+    (job / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (job / "summary.json").write_text(json.dumps({"test_bleu": bleu - 1, "test_bleu_averaged": bleu,
+                                                  "valid_bleu_averaged": curve[-1], "tokens_per_second": 1000.0}))
+
+
+def test_seeds_give_mean_and_std_and_a_band_plot(tmp_path):
+    sweep = tmp_path / "sweep"
+    for seed, bleu in enumerate([40.0, 42.0, 44.0]):
+        _fake_job(sweep, f"optim.lr=0.1,trainer.seed={seed}", bleu, [10.0 + seed, 20.0 + seed])
+    _fake_job(sweep, "optim.lr=0.2", 30.0, [5.0, 8.0])
+    report = compare(sweep)
+    text = (sweep / "comparison.md").read_text()
+    assert report in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| `optim.lr")}
+    seeds = [c.strip() for c in rows["`optim.lr=0.1`"].split("|")[1:-1]]
+    assert seeds[1:4] == ["3", "42.00 ± 2.00", "41.00 ± 2.00"]  # sample std of 40, 42, 44
+    assert [c.strip() for c in rows["`optim.lr=0.2`"].split("|")[1:-1]][1:3] == ["1", "30.00"]
+    assert (sweep / "seeds.png").stat().st_size > 10_000 and "![seeds](seeds.png)" in text

@@ -117,7 +117,8 @@ def test_end_to_end_run_directory_and_exact_resume(tmp_path, tiny, train_cli, me
         assert (straight / name).exists(), name
     summary = json.loads((straight / "summary.json").read_text())
     for key in ("step", "valid_loss", "valid_bleu", "valid_bleu_averaged", "test_bleu", "test_bleu_averaged",
-                "tokens_per_second", "optimizer_state_bytes", "peak_memory_bytes", "wall_seconds"):
+                "tokens_per_second", "optimizer_state_bytes", "peak_memory_bytes", "wall_seconds",
+                "train_seconds", "vocab_size", "parameters"):
         assert key in summary, key
     assert summary["step"] == 6 and math.isfinite(summary["valid_loss"])
     records = metrics(straight)
@@ -155,6 +156,10 @@ def test_end_to_end_run_directory_and_exact_resume(tmp_path, tiny, train_cli, me
     second = train_cli(common + ["trainer.max_steps=6", f"hydra.run.dir={resumed}"], tmp_path)
     assert "Resuming from" in second.stdout and "at step 3" in second.stdout
     assert metrics(resumed, "loss") == metrics(straight, "loss")  # bitwise: same floats in the JSON
+    # the training time adds up over the resume (equal-wall-time plots read it from every record)
+    seconds = [r["train_seconds"] for r in metrics(resumed) if "loss" in r]
+    assert len(seconds) == 6 and seconds == sorted(seconds) and seconds[0] > 0
+    assert json.loads((resumed / "summary.json").read_text())["train_seconds"] >= seconds[-1]
 
 
 def test_bad_config_gives_a_clear_error(tmp_path, train_cli):

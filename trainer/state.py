@@ -14,6 +14,7 @@ class TrainState:
     batch_index: int = 0  # this rank's next batch within the epoch
     tokens: int = 0  # target tokens trained on, all ranks together
     skipped_steps: int = 0  # steps whose update was skipped (non-finite loss or gradient)
+    train_seconds: float = 0.0  # wall time spent in training steps (not evaluation), over every resume
     wandb_id: Optional[str] = None  # a resumed job continues the same W&B run
 
     def state_dict(self) -> dict:

@@ -1,0 +1,85 @@
+"""The study (scripts/study.py): every configuration composes, every optimizer gets the same task and
+the same kind of grid, and the protocol extends a grid whose best value sits at an end."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from scripts import study
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = sorted(f"study/{p.stem}" for p in (ROOT / "conf" / "experiment" / "study").glob("*_*.yaml"))
+
+
+def test_every_task_has_every_optimizer():
+    assert STUDY == [f"study/{t}_{o}" for t in sorted(study.TASKS) for o in sorted(study.OPTIMIZERS)]
+
+
+@pytest.mark.parametrize("experiment", STUDY)
+def test_study_configs_compose_with_their_grid(experiment, compose):
+    cfg = compose([f"experiment={experiment}"], hydra_config=True)
+    OmegaConf.to_object(cfg.optim)  # typed: a misspelt key or a wrong type fails here
+    task, optim = experiment.removeprefix("study/").split("_")
+    assert cfg.optim.name.value == optim and cfg.logger.name.value == "none"
+    assert cfg.trainer.max_minutes is None and cfg.schedule.warmup_fraction == 0.05
+    sweep_dir = OmegaConf.to_container(cfg.hydra.sweep)["dir"]  # unresolved: Hydra fills it in at launch
+    assert sweep_dir.replace("${hydra:runtime.choices.experiment}", cfg.hydra.runtime.choices.experiment) \
+        == f"multirun/{experiment}"
+    lrs = study.grid(task, optim)["optim.lr"]
+    ratios = [b / a for a, b in zip(lrs, lrs[1:])]
+    assert len(lrs) >= 5 and all(1.8 <= r <= 2.2 for r in ratios), lrs  # 5 values ~2x apart
+    if optim == "sm3":
+        assert study.grid(task, optim)["optim.momentum"] == [0.0, 0.9] and cfg.optim.beta == 0.0
+
+
+@pytest.mark.parametrize("task", study.TASKS)
+def test_every_optimizer_gets_the_same_task(task, compose):
+    def same(cfg):
+        return OmegaConf.to_container(cfg.model), OmegaConf.to_container(cfg.data), \
+            OmegaConf.to_container(cfg.trainer)
+    cfgs = [compose([f"experiment=study/{task}_{o}"]) for o in study.OPTIMIZERS]
+    assert all(same(c) == same(cfgs[0]) for c in cfgs)
+    expected = {"mt": "builtin_sentences", "lm": "builtin"}[task]
+    assert cfgs[0].data.name == expected
+
+
+def test_tuning_extends_the_grid_until_it_brackets_the_best(tmp_path, monkeypatch):
+    """A fake train.py whose validation BLEU peaks at lr 0.0001, below Adam's grid: the protocol runs
+    two more values beyond the low end (the most it may), then seeds the best."""
+    monkeypatch.setattr(study, "RUNS", tmp_path)
+    launched = []
+
+    def fake_launch(task, optim, overrides, suffix=""):
+        launched.append(overrides)
+        values = dict(o.split("=", 1) for o in overrides)
+        lrs = values.get("optim.lr", ",".join(map(str, study.grid(task, optim)["optim.lr"]))).split(",")
+        for lr in lrs:
+            for seed in values.get("trainer.seed", "0").split(","):
+                job = study.sweep_dir(task, optim, suffix) / f"optim.lr={lr},trainer.seed={seed}"
+                job.mkdir(parents=True, exist_ok=True)
+                (job / "config.yaml").write_text(json.dumps({
+                    "optim": {"lr": float(lr), "momentum": 0.0}, "schedule": {"warmup_fraction": 0.05},
+                    "trainer": {"seed": int(seed)}}))
+                bleu = 50 - 10 * abs(math.log2(float(lr) / 1e-4))
+                (job / "summary.json").write_text(json.dumps({"valid_bleu_averaged": bleu}))
+
+    monkeypatch.setattr(study, "launch", fake_launch)
+    study.tune("mt", "adam")
+    assert launched == [[], ["optim.lr=0.00025"], ["optim.lr=0.000125"]]
+    best = study.best_job("mt", "adam")
+    assert study.setting(best)["optim.lr"] == 0.000125  # still at the end: two extensions at most
+    study.seeds("mt", "adam")
+    assert launched[-1] == ["optim.lr=0.000125", "schedule.warmup_fraction=0.05", "trainer.seed=1,2"]
+
+
+def test_equal_memory_budget_is_what_adams_run_holds():
+    parameters, adam = study.footprint("adam", 0.0, 128, 2000)
+    _, sm3 = study.footprint("sm3", 0.0, 128, 2000)
+    _, sm3_momentum = study.footprint("sm3", 0.9, 128, 2000)
+    weights = 4 * parameters
+    assert 0 <= adam - 4 * weights < 1000  # parameters, gradients, Adam's two moments (and its step counts)
+    assert sm3_momentum - sm3 == weights  # the momentum buffer
+    assert 0 < sm3 - 2 * weights < 0.02 * weights  # SM3 without momentum: a few vectors
