@@ -9,8 +9,8 @@ The protocol, the same for every optimizer, per task (mt: translation, chosen on
 lm: language modelling, chosen on validation perplexity; both of the Polyak-averaged parameters,
 what train.py returns to a sweeper):
 1. tune: the learning-rate grid of ``experiment=study/<task>_<optim>`` (5 values 2x apart; SM3 also
-   momentum 0 and 0.9). While the best learning rate sits at an end of what was run, one more value
-   2x beyond it (at most two more), so that the grid brackets the best;
+   momentum 0 and 0.9). While the best learning rate (of each momentum, for SM3) sits at an end of
+   what was run, one more value 2x beyond it (at most two more), so that the grid brackets the best;
 2. SM3 only: warm-up over 2% and 10% of the steps at its best setting (the grid used 5%);
 3. seeds: the best setting of each optimizer with seeds 1 and 2 (seed 0 is its tuning run);
 4. mt only, equal memory: the memory of Adam's run (parameters, gradients and optimizer state in
@@ -43,7 +43,8 @@ OPTIMIZERS = ("adam", "adagrad", "adafactor", "sm3")
 TASKS = ("mt", "lm")
 METRIC = {"mt": ("bleu", True), "lm": ("ppl", False)}  # (summary key, higher is better)
 SEEDS = (1, 2)
-WARMUPS = (0.02, 0.10)
+GRID_WARMUP = 0.05  # schedule.warmup_fraction of the grids (conf/experiment/study/<task>.yaml)
+WARMUPS = (0.02, 0.10)  # SM3's, tried at its best setting
 EQUAL_MEMORY = ("sm3", "adafactor")  # besides Adam, whose budget it is
 WIDTHS = (128, 144, 160, 176, 192, 208, 224, 240, 256)  # d_model candidates (d_ff = 4 d_model)
 MAX_EXTENSIONS = 2
@@ -103,19 +104,19 @@ def overrides_of(job: Job, optim: str) -> list[str]:
 
 def tune(task: str, optim: str) -> None:
     launch(task, optim, [])  # the grid in the experiment's hydra.sweeper.params
-    for _ in range(MAX_EXTENSIONS):
-        best = best_job(task, optim)
-        if best is None or not math.isfinite(score(best, task)):
-            return
-        s = setting(best)
-        same = [j for j in jobs_of(task, optim) if j.config and all(
-            setting(j)[k] == s[k] for k in ("optim.momentum", "schedule.warmup_fraction", "trainer.seed"))]
-        lrs = sorted(setting(j)["optim.lr"] for j in same)
-        if lrs[0] < s["optim.lr"] < lrs[-1]:
-            return
-        beyond = s["optim.lr"] * (0.5 if s["optim.lr"] == lrs[0] else 2.0)
-        extra = [f"optim.momentum={s['optim.momentum']:g}"] if optim == "sm3" else []
-        launch(task, optim, [f"optim.lr={beyond:g}", *extra])
+    for momentum in grid(task, optim).get("optim.momentum", [None]):  # SM3: bracket each momentum's best
+        for _ in range(MAX_EXTENSIONS):
+            runs = [j for j in jobs_of(task, optim) if j.config and setting(j)["trainer.seed"] == 0
+                    and setting(j)["schedule.warmup_fraction"] == GRID_WARMUP
+                    and (momentum is None or setting(j)["optim.momentum"] == momentum)]
+            best = max(runs, key=lambda j: score(j, task), default=None)
+            if best is None or not math.isfinite(score(best, task)):
+                break
+            lr, lrs = setting(best)["optim.lr"], sorted(setting(j)["optim.lr"] for j in runs)
+            if lrs[0] < lr < lrs[-1]:
+                break
+            extra = [] if momentum is None else [f"optim.momentum={momentum:g}"]
+            launch(task, optim, [f"optim.lr={lr * (0.5 if lr == lrs[0] else 2.0):g}", *extra])
 
 
 def warmups(task: str) -> None:

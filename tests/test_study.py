@@ -46,33 +46,49 @@ def test_every_optimizer_gets_the_same_task(task, compose):
     assert cfgs[0].data.name == expected
 
 
-def test_tuning_extends_the_grid_until_it_brackets_the_best(tmp_path, monkeypatch):
-    """A fake train.py whose validation BLEU peaks at lr 0.0001, below Adam's grid: the protocol runs
-    two more values beyond the low end (the most it may), then seeds the best."""
+def _fake_train(monkeypatch, tmp_path, bleu_of):
+    """study.launch replaced by jobs that only write what a finished run writes, BLEU from ``bleu_of``."""
     monkeypatch.setattr(study, "RUNS", tmp_path)
     launched = []
 
     def fake_launch(task, optim, overrides, suffix=""):
         launched.append(overrides)
-        values = dict(o.split("=", 1) for o in overrides)
-        lrs = values.get("optim.lr", ",".join(map(str, study.grid(task, optim)["optim.lr"]))).split(",")
-        for lr in lrs:
-            for seed in values.get("trainer.seed", "0").split(","):
-                job = study.sweep_dir(task, optim, suffix) / f"optim.lr={lr},trainer.seed={seed}"
-                job.mkdir(parents=True, exist_ok=True)
-                (job / "config.yaml").write_text(json.dumps({
-                    "optim": {"lr": float(lr), "momentum": 0.0}, "schedule": {"warmup_fraction": 0.05},
-                    "trainer": {"seed": int(seed)}}))
-                bleu = 50 - 10 * abs(math.log2(float(lr) / 1e-4))
-                (job / "summary.json").write_text(json.dumps({"valid_bleu_averaged": bleu}))
+        values = {k: ",".join(map(str, v)) for k, v in study.grid(task, optim).items()}
+        values.update(o.split("=", 1) for o in overrides)
+        for lr in values["optim.lr"].split(","):
+            for momentum in values.get("optim.momentum", "0").split(","):
+                for seed in values.get("trainer.seed", "0").split(","):
+                    job = study.sweep_dir(task, optim, suffix) / f"optim.lr={lr},m={momentum},trainer.seed={seed}"
+                    job.mkdir(parents=True, exist_ok=True)
+                    (job / "config.yaml").write_text(json.dumps({
+                        "optim": {"lr": float(lr), "momentum": float(momentum)},
+                        "schedule": {"warmup_fraction": 0.05}, "trainer": {"seed": int(seed)}}))
+                    bleu = bleu_of(float(lr), float(momentum))
+                    (job / "summary.json").write_text(json.dumps({"valid_bleu_averaged": bleu}))
 
     monkeypatch.setattr(study, "launch", fake_launch)
+    return launched
+
+
+def test_tuning_extends_the_grid_until_it_brackets_the_best(tmp_path, monkeypatch):
+    """Validation BLEU peaking at lr 0.0001, below Adam's grid: the protocol runs two more values beyond
+    the low end (the most it may), then seeds the best."""
+    launched = _fake_train(monkeypatch, tmp_path, lambda lr, m: 50 - 10 * abs(math.log2(lr / 1e-4)))
     study.tune("mt", "adam")
     assert launched == [[], ["optim.lr=0.00025"], ["optim.lr=0.000125"]]
     best = study.best_job("mt", "adam")
     assert study.setting(best)["optim.lr"] == 0.000125  # still at the end: two extensions at most
     study.seeds("mt", "adam")
     assert launched[-1] == ["optim.lr=0.000125", "schedule.warmup_fraction=0.05", "trainer.seed=1,2"]
+
+
+def test_sm3_brackets_each_momentum(tmp_path, monkeypatch):
+    """Momentum 0 peaks inside SM3's grid (0.2), momentum 0.9 below it: only momentum 0.9 is extended."""
+    launched = _fake_train(monkeypatch, tmp_path,
+                           lambda lr, m: 60 - 10 * abs(math.log2(lr / (0.2 if m == 0 else 0.03))))
+    study.tune("mt", "sm3")
+    # 0.025 beats 0.05 (the grid's end), so 0.0125 too is tried, and then 0.025 is bracketed
+    assert launched == [[], ["optim.lr=0.025", "optim.momentum=0.9"], ["optim.lr=0.0125", "optim.momentum=0.9"]]
 
 
 def test_equal_memory_budget_is_what_adams_run_holds():
