@@ -13,8 +13,8 @@ from scripts.compare import Job, _save, draw_seed_bands, find_jobs, fmt_mean_std
 from scripts.study import METRIC, OPTIMIZERS, TASKS, footprint, score, setting
 
 MIB = 2**20
-TASK_TITLE = {"mt": "Translation (data=builtin_sentences, transformer_tiny, 400 steps)",
-              "lm": "Language modelling (data=builtin_lm, transformer_lm_tiny, 300 steps)"}
+TASK_TITLE = {"mt": "Translation (data=builtin_sentences, transformer_tiny, 600 steps of 1k tokens)",
+              "lm": "Language modelling (data=builtin_lm, transformer_lm_tiny, 300 steps of 1k tokens)"}
 METRIC_NAME = {"bleu": "BLEU", "ppl": "perplexity"}
 
 
