@@ -89,10 +89,19 @@ class StepResult:
     tokens: int  # target tokens of the step, all ranks together
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls are much faster than float32 here: a CUDA device that supports them, or a CPU
+    with AMX tiles (torch's own check; AVX-512 BF16 alone gained less, see docs/profile_cpu.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent from some torch builds
+    return device.type == "cpu" and amx is not None and bool(amx())
+
+
 def autocast_context(precision: str, device: torch.device):
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if use_bf16:
+    """``trainer.precision``: a context for forward passes. bf16 autocasts the matmuls (parameters, gradients
+    and optimizer state stay float32); auto picks it where ``fast_bf16``."""
+    if precision == "bf16" or (precision == "auto" and fast_bf16(device)):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -140,11 +149,13 @@ def set_up(cfg, run_dir: Path) -> Run:
     log = RunLog(cfg, run_dir, is_main=rank == 0, name=hydra_cfg.job.override_dirname or "defaults",
                  group=Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None)
     log.start(state)
+    autocast = autocast_context(trainer.precision.value, device)
     if rank == 0:
+        precision = "float32" if autocast is contextlib.nullcontext else "bf16 autocast"
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.optim.name.value}, "
-              f"device {device}, {world_size} process(es), run dir {run_dir}")
+              f"device {device} ({precision}), {world_size} process(es), run dir {run_dir}")
     return Run(cfg, task, model, net, averaged, optimizer, scheduler, device, rank, world_size, fsdp,
-               autocast_context(trainer.precision.value, device), checkpointer, log, state)
+               autocast, checkpointer, log, state)
 
 
 class TrainBatches:
