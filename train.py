@@ -87,12 +87,23 @@ class StepResult:
     grad_norm: float
     finite: bool  # False: the update was skipped
     tokens: int  # target tokens of the step, all ranks together
+    signalled: bool = False  # some rank was asked to stop (SIGTERM/SIGINT)
+    time_up: bool = False  # some rank's trainer.max_minutes ran out
+
+
+def fast_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls are much faster than float32 here: a CUDA device that supports them, or a CPU
+    with AMX tiles (torch's own check; AVX-512 BF16 alone gained less, see docs/profile_cpu.md)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent from some torch builds
+    return device.type == "cpu" and amx is not None and bool(amx())
 
 
 def autocast_context(precision: str, device: torch.device):
-    use_bf16 = precision == "bf16" or (
-        precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
-    if use_bf16:
+    """``trainer.precision``: a context for forward passes. bf16 autocasts the matmuls (parameters, gradients
+    and optimizer state stay float32); auto picks it where ``fast_bf16``."""
+    if precision == "bf16" or (precision == "auto" and fast_bf16(device)):
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -140,11 +151,13 @@ def set_up(cfg, run_dir: Path) -> Run:
     log = RunLog(cfg, run_dir, is_main=rank == 0, name=hydra_cfg.job.override_dirname or "defaults",
                  group=Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None)
     log.start(state)
+    autocast = autocast_context(trainer.precision.value, device)
     if rank == 0:
+        precision = "float32" if autocast is contextlib.nullcontext else "bf16 autocast"
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.optim.name.value}, "
-              f"device {device}, {world_size} process(es), run dir {run_dir}")
+              f"device {device} ({precision}), {world_size} process(es), run dir {run_dir}")
     return Run(cfg, task, model, net, averaged, optimizer, scheduler, device, rank, world_size, fsdp,
-               autocast_context(trainer.precision.value, device), checkpointer, log, state)
+               autocast, checkpointer, log, state)
 
 
 class TrainBatches:
@@ -165,9 +178,10 @@ class TrainBatches:
         return self.batches[state.batch_index - 1].to(self.run.device)
 
 
-def train_step(run: Run, batches: TrainBatches) -> StepResult:
+def train_step(run: Run, batches: TrainBatches, stop: tuple[bool, bool] = (False, False)) -> StepResult:
     """Forward and backward over ``grad_accum`` micro-batches, the gradient norm (clipped if asked), and
-    the update, unless the loss or the gradients are not finite on some rank: then nothing changes."""
+    the update, unless the loss or the gradients are not finite on some rank: then nothing changes.
+    ``stop``: this rank's (signalled, out of time), agreed in the same all-reduce as the loss."""
     trainer, model = run.cfg.trainer, run.model
     run.optimizer.zero_grad(set_to_none=True)
     loss_sum, tokens = 0.0, 0
@@ -184,9 +198,10 @@ def train_step(run: Run, batches: TrainBatches) -> StepResult:
             (loss / trainer.grad_accum).backward()
         loss_sum += loss.item() / trainer.grad_accum
         tokens += batch.num_tokens
-    if run.world_size > 1:  # every rank must agree on the loss, hence on skipping
-        loss_sum, tokens = all_reduce([loss_sum, tokens])
-        loss_sum, tokens = loss_sum / run.world_size, int(tokens)
+    signalled, time_up = stop
+    if run.world_size > 1:  # every rank must agree on the loss (hence on skipping) and on stopping: one collective
+        loss_sum, tokens, signalled, time_up = all_reduce([loss_sum, tokens, float(signalled), float(time_up)])
+        loss_sum, tokens, signalled, time_up = loss_sum / run.world_size, int(tokens), signalled > 0, time_up > 0
     if trainer.clip_norm:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.clip_norm)
     else:
@@ -201,7 +216,7 @@ def train_step(run: Run, batches: TrainBatches) -> StepResult:
             run.averaged.update_parameters(model)
     else:  # skip the update: parameters, optimizer and schedule stay as they were
         run.optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_sum, float(grad_norm), finite, tokens)
+    return StepResult(loss_sum, float(grad_norm), finite, tokens, signalled, time_up)
 
 
 def evaluate(run: Run, split: str) -> dict:
@@ -221,15 +236,10 @@ def numbers(results: dict) -> dict:
     return {k: v for k, v in results.items() if "example" not in k}
 
 
-def should_stop(run: Run, preemption: Preemption, started: float) -> tuple[bool, bool]:
-    """(signalled, out of time), agreed by every rank so that they stop at the same step."""
+def stop_requests(run: Run, preemption: Preemption, started: float) -> tuple[bool, bool]:
+    """This rank's (signalled, out of time); ``train_step`` makes every rank agree, so that all stop at one step."""
     max_minutes = run.cfg.trainer.max_minutes
-    time_up = max_minutes is not None and time.time() - started > 60 * max_minutes
-    if run.world_size > 1:
-        signalled, time_up = (value > 0 for value in all_reduce([float(preemption.requested), float(time_up)]))
-        if signalled:
-            preemption.request()
-    return preemption.requested, time_up
+    return preemption.requested, max_minutes is not None and time.time() - started > 60 * max_minutes
 
 
 def check_divergence(run: Run, result: StepResult, bad_in_a_row: int, bar) -> None:
@@ -272,8 +282,10 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> None:
               disable=not (run.is_main and trainer.progress and sys.stderr.isatty())) as bar:
         while state.step < trainer.max_steps:
             step_start = time.time()
-            result = train_step(run, batches)
-            signalled, time_up = should_stop(run, preemption, started)
+            result = train_step(run, batches, stop_requests(run, preemption, started))
+            signalled, time_up = result.signalled, result.time_up
+            if signalled:
+                preemption.request()  # another rank's signal: stop here too
             state.step += 1
             state.tokens += result.tokens
             bad_in_a_row = 0 if result.finite else bad_in_a_row + 1

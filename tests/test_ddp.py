@@ -67,6 +67,10 @@ def test_collectives_of_the_loop_use_the_backends_device(monkeypatch):
               for number, line in enumerate(path.read_text().splitlines(), 1)
               if re.search(r"\bdist\.(all_reduce|all_gather|broadcast|reduce_scatter|reduce)\(", line)]
     assert direct == [], "collectives outside trainer/distributed.py: " + ", ".join(direct)
+    # the loop's one collective per step: loss, tokens and the stop flags in one all-reduce
+    loop = [n for n, line in enumerate((root / "train.py").read_text().splitlines(), 1)
+            if re.search(r"\ball_reduce\(", line)]
+    assert len(loop) == 1, f"train.py all-reduces at lines {loop}"
     monkeypatch.setattr(dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
     assert distributed.collective_device() == torch.device("cuda", 3)

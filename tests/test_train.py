@@ -233,3 +233,17 @@ def test_the_run_says_early_what_its_time_budget_buys(compose):
     assert "all trainer.max_steps=2000 fit" in pace_report(cfg, 11, 0.07, started=time.time())
     cfg.trainer.max_minutes = None
     assert "the remaining 1989 steps take ~2.3 min" in pace_report(cfg, 11, 0.07, started=time.time())
+
+
+@pytest.mark.parametrize("amx, expected", [(True, torch.bfloat16), (False, torch.float32)])
+def test_precision_auto_picks_bf16_on_cpus_with_amx(monkeypatch, amx, expected):
+    import train
+
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    layer = torch.nn.Linear(8, 8)
+    with train.autocast_context("auto", torch.device("cpu"))():
+        assert layer(torch.randn(2, 8)).dtype == expected
+    with train.autocast_context("fp32", torch.device("cpu"))():
+        assert layer(torch.randn(2, 8)).dtype == torch.float32
+    with train.autocast_context("bf16", torch.device("cpu"))():
+        assert layer(torch.randn(2, 8)).dtype == torch.bfloat16
