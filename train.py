@@ -92,8 +92,9 @@ class StepResult:
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether bfloat16 matmuls are much faster than float32 here: a CUDA device that supports them, or a CPU
-    with AMX tiles (torch's own check; AVX-512 BF16 alone gained less, see docs/profile_cpu.md)."""
+    """Whether ``auto`` turns bf16 autocast on: a CUDA device that supports it, or a CPU with AMX tiles (torch's
+    own check). AVX-512 BF16 without AMX also sped the base model up 2.6x here (docs/profile_cpu.md), but
+    ``auto`` leaves it to ``trainer.precision=bf16``: the tiny main job and the tests are float32 numbers."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent from some torch builds

@@ -58,7 +58,11 @@ def launch(task: str, optim: str, overrides: list[str], suffix: str = "") -> Non
     """One Hydra multirun of train.py (its jobs one after another, in one process)."""
     command = [sys.executable, "train.py", "-m", f"experiment=study/{task}_{optim}",
                f"hydra.sweep.dir={sweep_dir(task, optim, suffix)}", *overrides, *EXTRA]
-    print("+", " ".join(command[1:]), flush=True)
+    line = " ".join(command[1:]).replace(str(ROOT) + "/", "")
+    print("+", line, flush=True)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    with open(RUNS / "commands.log", "a") as f:  # the report lists every launch, in order
+        f.write(line + "\n")
     subprocess.run(command, cwd=ROOT, check=False)  # a failed job is recorded; the sweep goes on
 
 

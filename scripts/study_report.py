@@ -164,9 +164,13 @@ def _draw_memory(points: list, name: str, path: Path) -> Path:
 
 def write_report(runs: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
+    import scripts.study as study
+
+    protocol = study.__doc__[study.__doc__.index("The protocol"):study.__doc__.index("Runs live")].strip()
     lines = ["# The study: SM3 against Adam, Adagrad and Adafactor", "",
-             "Written by `scripts/study_report.py` from the runs of `scripts/study.py` (see its docstring for "
-             "the protocol). Every number is of this repository's 2-core CPU.", ""]
+             "Written by `scripts/study_report.py` from the runs of `scripts/study.py`. Every number is of this "
+             "repository's 2-core CPU, float32. Rerun everything: `uv run python scripts/study.py`; redraw this "
+             "page from the runs: `uv run python scripts/study.py --report`.", "", protocol.replace("``", "`"), ""]
     for task in TASKS:
         if not any((runs / f"{task}_{o}").is_dir() for o in OPTIMIZERS):
             continue
@@ -189,6 +193,11 @@ def write_report(runs: Path, out: Path) -> Path:
         lines += ["## Time each phase took on this CPU", "", "| phase | minutes |", "| --- | ---: |",
                   *(f"| {k} | {v / 60:.1f} |" for k, v in spent.items()),
                   f"| **all** | **{sum(spent.values()) / 60:.1f}** |", ""]
+    commands = runs / "commands.log"
+    if commands.exists():
+        lines += ["## Every launch, in order", "",
+                  "`uv run python scripts/study.py` made these (`python` is the project's environment; a finished "
+                  "job is skipped when a launch is repeated):", "", "```", *commands.read_text().splitlines(), "```", ""]
     path = out / "README.md"
     path.write_text("\n".join(lines))
     return path
