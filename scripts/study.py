@@ -14,8 +14,9 @@ what train.py returns to a sweeper):
 2. SM3 only: warm-up over 2% and 10% of the steps at its best setting (the grid used 5%);
 3. seeds: the best setting of each optimizer with seeds 1 and 2 (seed 0 is its tuning run);
 4. mt only, equal memory: the memory of Adam's run (parameters, gradients and optimizer state in
-   bytes) is the budget; each optimizer in EQUAL_MEMORY trains the widest model that fits in it,
-   at its tuned setting, with seeds 0, 1 and 2.
+   bytes) is the budget; SM3 and Adafactor (EQUAL_MEMORY: the two whose state is a few vectors)
+   each train the widest model that fits in it, at their tuned setting, with seeds 0, 1 and 2.
+   Adagrad (state as large as the parameters) is not run there, to keep the study within ~80 min.
 
 Runs live under multirun/study/<task>_<optim>[_equal_memory]/ (Hydra multiruns of train.py; a
 finished run is never redone, so an interrupted study continues where it stopped); the report
