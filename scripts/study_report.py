@@ -31,12 +31,17 @@ def _key(job: Job, optim: str) -> str:
     return f"{optim}: " + ", ".join(parts)
 
 
-def _value(job: Job, metric: str, suffix: str = "_averaged", split: str = "valid") -> float:
+def _value(job: Job, metric: str, suffix: str = "_averaged", split: str = "valid") -> float | None:
+    """The summary's value (NaN if not finite), None where the summary lacks it."""
     value = (job.summary or {}).get(f"{split}_{metric}{suffix}")
+    if value is None:
+        return None
     return value if isinstance(value, (int, float)) and math.isfinite(value) else math.nan
 
 
-def _fmt(value: float) -> str:
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "–"
     return "diverged" if not math.isfinite(value) else f"{value:.2f}"
 
 
@@ -92,7 +97,8 @@ def draw_lr(runs: Path, task: str, path: Path) -> Path:
         lines = {}
         for job in jobs:
             label = optim + (f" momentum {setting(job)['optim.momentum']:g}" if optim == "sm3" else "")
-            lines.setdefault(label, []).append((setting(job)["optim.lr"], _value(job, metric)))
+            value = _value(job, metric)
+            lines.setdefault(label, []).append((setting(job)["optim.lr"], math.nan if value is None else value))
         for label, points in sorted(lines.items()):
             points.sort()
             ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)

@@ -99,3 +99,22 @@ def test_equal_memory_budget_is_what_adams_run_holds():
     assert 0 <= adam - 4 * weights < 1000  # parameters, gradients, Adam's two moments (and its step counts)
     assert sm3_momentum - sm3 == weights  # the momentum buffer
     assert 0 < sm3 - 2 * weights < 0.02 * weights  # SM3 without momentum: a few vectors
+
+
+def test_report_from_runs(tmp_path, monkeypatch):
+    """scripts/study_report.py on fake finished runs: the seeds table, the tuning table, the plots."""
+    from scripts.study_report import write_report
+
+    _fake_train(monkeypatch, tmp_path, lambda lr, m: 50 - 10 * abs(math.log2(lr / 2e-3)))
+    study.tune("mt", "adam")
+    study.seeds("mt", "adam")
+    for job in (tmp_path / "mt_adam").iterdir():  # curves for the band plots
+        (job / "metrics.jsonl").write_text(json.dumps({"step": 600, "train_seconds": 60.0,
+                                                       "valid_bleu_averaged": 1.0}) + "\n")
+    report = write_report(tmp_path, tmp_path / "out").read_text()
+    assert "| `adam: lr 0.002, warm-up 0.05` | 3 |" in report  # the best setting, over 3 seeds
+    assert "| adam | lr 0.002, warm-up 0.05 | 50.00 | – | **best** |" in report
+    for png in ("mt_lr.png", "mt_valid.png", "mt_valid_time.png"):
+        assert f"]({png})" in report and (tmp_path / "out" / png).stat().st_size > 10_000
+    assert "The protocol" in report and "lm" not in [line[3:5] for line in report.splitlines()
+                                                      if line.startswith("## ")]  # no LM runs, no LM section
