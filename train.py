@@ -278,7 +278,7 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> None:
     """Steps until trainer.max_steps (or max_minutes, or a signal)."""
     trainer, state = run.cfg.trainer, run.state
     batches, bad_in_a_row, first_step, paced_from = TrainBatches(run), 0, state.step, 0.0
-    train_seconds, window_tokens, window_seconds = 0.0, 0, 0.0
+    window_tokens, window_seconds = 0, 0.0
     with tqdm(total=trainer.max_steps, initial=state.step, dynamic_ncols=True,
               disable=not (run.is_main and trainer.progress and sys.stderr.isatty())) as bar:
         while state.step < trainer.max_steps:
@@ -293,13 +293,12 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> None:
             state.skipped_steps += not result.finite
             seconds = time.time() - step_start
             state.train_seconds += seconds
-            train_seconds, window_tokens, window_seconds = (train_seconds + seconds, window_tokens + result.tokens,
-                                                            window_seconds + seconds)
+            window_tokens, window_seconds = window_tokens + result.tokens, window_seconds + seconds
             bar.update(1)
             if state.step == first_step + 1:  # the first step pays one-time costs (kernel builds, allocations)
-                paced_from = train_seconds
+                paced_from = state.train_seconds
             if run.is_main and state.step == first_step + 1 + PACE_STEPS:
-                bar.write(pace_report(run.cfg, state.step, (train_seconds - paced_from) / PACE_STEPS, started))
+                bar.write(pace_report(run.cfg, state.step, (state.train_seconds - paced_from) / PACE_STEPS, started))
             if not result.finite:
                 check_divergence(run, result, bad_in_a_row, bar)
             elif state.step % trainer.log_interval == 0 or state.step == trainer.max_steps:

@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -272,10 +273,7 @@ def mean_std(values: list[float]) -> tuple[float, Optional[float]]:
     values = [v for v in values if v is not None and math.isfinite(v)]
     if not values:
         return math.nan, None
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, None
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 def fmt_mean_std(values: list[float], digits: int = 2) -> str:
@@ -334,8 +332,8 @@ def draw_seed_bands(groups: dict[str, list[Job]], metric: str, metric_name: str,
 
 def _series_by(records: list[dict], x: str, key: str) -> dict[int, tuple[float, float]]:
     """step -> (x, value) of the records that have `key` (x is the step itself, or another field)."""
-    return {r["step"]: (r.get(x, r["step"]) if x != "step" else r["step"], r[key]) for r in records
-            if isinstance(r.get(key), (int, float)) and "step" in r and (x == "step" or x in r)}
+    return {r["step"]: (r[x], r[key]) for r in records
+            if isinstance(r.get(key), (int, float)) and "step" in r and x in r}
 
 
 def _save(fig, path: Path) -> Path:

@@ -36,13 +36,15 @@ from pathlib import Path
 import yaml
 
 from scripts.compare import Job, find_jobs
+from trainer.tasks import LanguageModelTask, TranslationTask
 
 ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "multirun" / "study"
 EXTRA: list[str] = []  # overrides added to every run (--extra: smoke tests)
 OPTIMIZERS = ("adam", "adagrad", "adafactor", "sm3")
 TASKS = ("mt", "lm")
-METRIC = {"mt": ("bleu", True), "lm": ("ppl", False)}  # (summary key, higher is better)
+KIND = {"mt": TranslationTask, "lm": LanguageModelTask}  # what judges a run: the trainer's own tasks
+METRIC = {task: (kind.metric, kind.higher_is_better) for task, kind in KIND.items()}
 SEEDS = (1, 2)
 GRID_WARMUP = 0.05  # schedule.warmup_fraction of the grids (conf/experiment/study/<task>.yaml)
 WARMUPS = (0.02, 0.10)  # SM3's, tried at its best setting
