@@ -143,20 +143,16 @@ def footprint(optim: str, momentum: float, width: int, vocab: int) -> tuple[int,
     """(parameters, bytes of parameters + gradients + optimizer state after one step) of the
     transformer_tiny shape at d_model=width, d_ff=4*width (state as ``sm3.optimizer_state_bytes``)."""
     import torch
-    from omegaconf import OmegaConf
 
     from models import build_model
+    from scripts.bench_loop import compose
     from sm3 import optimizer_state_bytes
     from trainer.optim import build_optimizer
 
-    shape = {k: v for k, v in yaml.safe_load((ROOT / "conf/model/transformer_tiny.yaml").read_text()).items()
-             if k != "defaults"}
-    model = build_model(OmegaConf.create({**shape, "d_model": width, "d_ff": 4 * width, "max_positions": 1024}),
-                        vocab, 0)
-    params = list(model.parameters())
-    optimizer = build_optimizer(OmegaConf.create(
-        {"name": optim, "lr": 1e-3, "momentum": momentum, "beta": 0.0, "betas": [0.9, 0.98], "eps": None,
-         "weight_decay": 0.0, "fused": None, "momentum_dtype": None}), params)
+    cfg = compose(["model=transformer_tiny", f"model.d_model={width}", f"model.d_ff={4 * width}",
+                   f"optim={optim}", f"optim.momentum={momentum}"])
+    params = list(build_model(cfg.model, vocab, 0).parameters())
+    optimizer = build_optimizer(cfg.optim, params)
     for p in params:
         p.grad = torch.zeros_like(p)
     optimizer.step()
