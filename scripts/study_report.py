@@ -10,12 +10,12 @@ import math
 from pathlib import Path
 
 from scripts.compare import Job, _save, draw_seed_bands, find_jobs, fmt_mean_std, mean_std, seeds_table
-from scripts.study import METRIC, OPTIMIZERS, TASKS, footprint, score, setting
+from scripts.study import KIND, METRIC, OPTIMIZERS, TASKS, footprint, score, setting
 
 MIB = 2**20
 TASK_TITLE = {"mt": "Translation (data=builtin_sentences, transformer_tiny, 600 steps of 1k tokens)",
               "lm": "Language modelling (data=builtin_lm, transformer_lm_tiny, 300 steps of 1k tokens)"}
-METRIC_NAME = {"bleu": "BLEU", "ppl": "perplexity"}
+METRIC_NAME = {kind.metric: kind.metric_label for kind in KIND.values()}  # "bleu": "BLEU", ...
 
 
 def _jobs(runs: Path, name: str) -> list[Job]:
