@@ -33,12 +33,12 @@ class TiedEmbedding(nn.Embedding):
         self.register_buffer("positions", sinusoidal_positions(max_positions, d_model), persistent=False)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, tokens: Tensor) -> Tensor:
-        """(B, T) ids -> (B, T, d_model) inputs of the first block."""
-        length = tokens.shape[1]
-        if length > self.positions.shape[0]:
-            raise ValueError(f"sequence of {length} tokens exceeds model.max_positions={self.positions.shape[0]}")
-        return self.drop(super().forward(tokens) * math.sqrt(self.embedding_dim) + self.positions[:length])
+    def forward(self, tokens: Tensor, start: int = 0) -> Tensor:
+        """(B, T) ids at positions start .. start + T - 1 -> (B, T, d_model) inputs of the first block."""
+        end = start + tokens.shape[1]
+        if end > self.positions.shape[0]:
+            raise ValueError(f"sequence of {end} tokens exceeds model.max_positions={self.positions.shape[0]}")
+        return self.drop(super().forward(tokens) * math.sqrt(self.embedding_dim) + self.positions[start:end])
 
     def logits(self, hidden: Tensor) -> Tensor:
         """(..., d_model) final hidden states -> (..., vocab) logits."""

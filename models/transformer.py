@@ -17,14 +17,28 @@ class Attention(nn.Module):
         self.heads, self.dropout = heads, dropout
         self.q, self.k, self.v, self.out = (nn.Linear(d_model, d_model) for _ in range(4))
 
-    def forward(self, x: Tensor, memory: Tensor, mask: Tensor | None = None, causal: bool = False) -> Tensor:
+    def forward(self, x: Tensor, memory: Tensor, mask: Tensor | None = None, causal: bool = False,
+                cache: dict | None = None) -> Tensor:
+        """``cache``: decoding one position at a time. Self-attention (``memory is x``) appends the new
+        position's keys and values to the cached ones; cross-attention projects the memory once."""
         def split(t: Tensor) -> Tensor:  # (B, T, D) -> (B, heads, T, D / heads)
             return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
 
+        if cache is None:
+            k, v = split(self.k(memory)), split(self.v(memory))
+        elif memory is x:
+            k, v = split(self.k(x)), split(self.v(x))
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+            cache["k"], cache["v"] = k, v
+            causal = False  # the one query is the newest position: it sees every cached key
+        else:
+            if "k" not in cache:
+                cache["k"], cache["v"] = split(self.k(memory)), split(self.v(memory))
+            k, v = cache["k"], cache["v"]
         y = F.scaled_dot_product_attention(
-            split(self.q(x)), split(self.k(memory)), split(self.v(memory)), attn_mask=mask,
-            dropout_p=self.dropout if self.training else 0.0, is_causal=causal,
-        )
+            split(self.q(x)), k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal)
         return self.out(y.transpose(1, 2).flatten(-2))
 
 
@@ -45,10 +59,13 @@ class Block(nn.Module):
             return x + self.drop(fn(norm(x)))
         return norm(x + self.drop(fn(x)))
 
-    def forward(self, x: Tensor, self_mask=None, memory=None, memory_mask=None, causal=False) -> Tensor:
-        x = self._residual(x, self.norms[0], lambda h: self.self_attn(h, h, self_mask, causal))
+    def forward(self, x: Tensor, self_mask=None, memory=None, memory_mask=None, causal=False, cache=None) -> Tensor:
+        """``cache``: {"self": {}, "cross": {}} of this block, for decoding one position at a time."""
+        caches = cache or {}
+        x = self._residual(x, self.norms[0], lambda h: self.self_attn(h, h, self_mask, causal, caches.get("self")))
         if self.cross_attn is not None:
-            x = self._residual(x, self.norms[1], lambda h: self.cross_attn(h, memory, memory_mask))
+            x = self._residual(x, self.norms[1],
+                               lambda h: self.cross_attn(h, memory, memory_mask, cache=caches.get("cross")))
         return self._residual(x, self.norms[-1], self.ffn)
 
 
@@ -77,12 +94,18 @@ class Transformer(nn.Module):
             x = block(x, self_mask=mask)
         return self.encoder_norm(x), mask
 
-    def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor) -> Tensor:
-        """Logits (B, T, vocab) for every target position (causal)."""
-        x = self.embedding(tgt_in)
-        for block in self.decoder:
-            x = block(x, memory=memory, memory_mask=memory_mask, causal=True)
+    def decode(self, tgt_in: Tensor, memory: Tensor, memory_mask: Tensor, cache: list[dict] | None = None) -> Tensor:
+        """Logits (B, T, vocab) for every target position (causal). With ``cache`` (from ``new_cache``),
+        ``tgt_in`` is the next position alone and the earlier ones come from the cache, which it extends."""
+        start = 0 if cache is None or "k" not in cache[0]["self"] else cache[0]["self"]["k"].shape[2]
+        x = self.embedding(tgt_in, start)
+        for i, block in enumerate(self.decoder):
+            x = block(x, memory=memory, memory_mask=memory_mask, causal=True, cache=None if cache is None else cache[i])
         return self.embedding.logits(self.decoder_norm(x))
+
+    def new_cache(self) -> list[dict]:
+        """An empty key/value cache for ``decode``: a (self, cross) pair of dicts per decoder block."""
+        return [{"self": {}, "cross": {}} for _ in self.decoder]
 
     def forward(self, src: Tensor, tgt_in: Tensor) -> Tensor:
         memory, mask = self.encode(src)
@@ -102,8 +125,9 @@ class Transformer(nn.Module):
         batch = src.shape[0]
         tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(batch, dtype=torch.bool, device=src.device)
+        cache = self.new_cache()
         for _ in range(max_len):
-            next_token = self.decode(tokens, memory, mask)[:, -1].argmax(-1)
+            next_token = self.decode(tokens[:, -1:], memory, mask, cache)[:, -1].argmax(-1)
             next_token = next_token.masked_fill(done, self.pad_id)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             done |= next_token == eos_id
@@ -118,8 +142,9 @@ class Transformer(nn.Module):
         scores = torch.zeros(batch, beam, device=device)
         scores[:, 1:] = -float("inf")  # all beams start identical: keep one alive
         finished = torch.zeros(batch * beam, dtype=torch.bool, device=device)
+        cache = self.new_cache()
         for step in range(max_len):
-            logp = self.decode(tokens, memory, mask)[:, -1].float().log_softmax(-1)
+            logp = self.decode(tokens[:, -1:], memory, mask, cache)[:, -1].float().log_softmax(-1)
             vocab = logp.shape[-1]
             # A finished hypothesis only extends with pad, at no cost.
             logp[finished] = -float("inf")
@@ -129,6 +154,8 @@ class Transformer(nn.Module):
             origin = (flat // vocab) + torch.arange(batch, device=device)[:, None] * beam
             next_token = (flat % vocab).view(-1)
             tokens = torch.cat([tokens[origin.view(-1)], next_token[:, None]], dim=1)
+            for layer in cache:  # each surviving hypothesis keeps the keys and values of its own prefix
+                layer["self"]["k"], layer["self"]["v"] = (layer["self"][kv][origin.view(-1)] for kv in "kv")
             finished = finished[origin.view(-1)] | (next_token == eos_id)
             if finished.all():
                 break
