@@ -311,6 +311,8 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> None:
                              "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds})
             if (run.is_main or run.fsdp) and state.step % trainer.eval_interval == 0 and state.step < trainer.max_steps:
                 results = numbers(evaluate(run, "valid"))
+                if trainer.eval_test:
+                    results.update(numbers(evaluate(run, "test")))
                 run.log.log({"step": state.step, "train_seconds": state.train_seconds, **results})
                 if run.is_main:
                     bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))

@@ -298,8 +298,8 @@ def seeds_table(groups: dict[str, list[Job]], metric: str, metric_name: str) -> 
 
 
 def draw_seed_bands(groups: dict[str, list[Job]], metric: str, metric_name: str, path: Path,
-                    x: str = "step", labels: Optional[dict[str, str]] = None) -> Path:
-    """Validation metric of the averaged parameters against `x` ("step", or "train_seconds" for equal
+                    x: str = "step", labels: Optional[dict[str, str]] = None, split: str = "valid") -> Path:
+    """The `split`'s metric of the averaged parameters against `x` ("step", or "train_seconds" for equal
     wall time): each setting's mean over seeds, with a band of ± one standard deviation."""
     import matplotlib
 
@@ -308,7 +308,7 @@ def draw_seed_bands(groups: dict[str, list[Job]], metric: str, metric_name: str,
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for key, group in groups.items():
-        curves = [_series_by(job.records, x, f"valid_{metric}_averaged") for job in group]
+        curves = [_series_by(job.records, x, f"{split}_{metric}_averaged") for job in group]
         points = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
         if not points:
             continue
@@ -319,9 +319,10 @@ def draw_seed_bands(groups: dict[str, list[Job]], metric: str, metric_name: str,
         line, = ax.plot(xs, means, marker="o", markersize=3, label=(labels or {}).get(key, key) + f" ({len(group)} seeds)")
         ax.fill_between(xs, [m - d for m, d in zip(means, spread)], [m + d for m, d in zip(means, spread)],
                         color=line.get_color(), alpha=0.2)
+    title = {"valid": "validation", "test": "test"}.get(split, split)
     ax.set(xlabel={"step": "step", "train_seconds": "training time (s, this CPU)"}.get(x, x),
-           ylabel=f"validation {metric_name} (averaged parameters)",
-           title=f"Validation {metric_name}: mean over seeds, band ± 1 std")
+           ylabel=f"{title} {metric_name} (averaged parameters)",
+           title=f"{title.capitalize()} {metric_name}: mean over seeds, band ± 1 std")
     if metric == "ppl":
         ax.set_yscale("log")
     ax.grid(alpha=0.3)

@@ -1,26 +1,16 @@
 """The study (docs/study/README.md): SM3, Adam, Adagrad and Adafactor, tuned the same way on both
-built-in tasks, then re-run with seeds, then compared at equal memory.
+built-in tasks, re-run with seeds, compared at equal memory; then SM3's momentum and beta examined, and
+every optimizer's best setting run at 4x the steps and at equal wall time.
 
-    uv run python scripts/study.py              # every run, then the report (~90 min on 2 CPU cores)
-    uv run python scripts/study.py --report     # only the report, from the runs already there
-    uv run python scripts/study.py --tasks lm   # one task
+    uv run python scripts/study.py                      # every part, then the report
+    uv run python scripts/study.py --part long beta     # some parts (from best.json when tune's runs are absent)
+    uv run python scripts/study.py --report             # only the report, from the runs already there
+    uv run python scripts/study.py --tasks lm           # one task
 
-The protocol, the same for every optimizer, per task (mt: translation, chosen on validation BLEU;
-lm: language modelling, chosen on validation perplexity; both of the Polyak-averaged parameters,
-what train.py returns to a sweeper):
-1. tune: the learning-rate grid of ``experiment=study/<task>_<optim>`` (5 values 2x apart; SM3 also
-   momentum 0 and 0.9). While the best learning rate (of each momentum, for SM3) sits at an end of
-   what was run, one more value 2x beyond it (at most two more), so that the grid brackets the best;
-2. SM3 only: warm-up over 2% and 10% of the steps at its best setting (the grid used 5%);
-3. seeds: the best setting of each optimizer with seeds 1 and 2 (seed 0 is its tuning run);
-4. mt only, equal memory: the memory of Adam's run (parameters, gradients and optimizer state in
-   bytes) is the budget; SM3 and Adafactor (EQUAL_MEMORY: the two whose state is a few vectors)
-   each train the widest model that fits in it, at their tuned setting, with seeds 0, 1 and 2.
-   Adagrad (state as large as the parameters) is not run there, to keep the study within ~80 min.
-
-Runs live under multirun/study/<task>_<optim>[_equal_memory]/ (Hydra multiruns of train.py; a
-finished run is never redone, so an interrupted study continues where it stopped); the report
-goes to docs/study/. Every phase's wall time is written to multirun/study/timings.json.
+The parts and their protocol are in scripts/study_protocol.py (PROTOCOL), which the report quotes.
+Runs live under multirun/study/<task>_<optim>[_<part>]/ (Hydra multiruns of train.py; a finished run is
+never redone, so an interrupted study continues where it stopped); the report goes to docs/study/.
+Every phase's wall time is written to multirun/study/timings.json.
 """
 
 from __future__ import annotations
@@ -28,29 +18,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import yaml
+from scripts.compare import Job, find_jobs, mean_std
+from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_WARMUP, HORIZON, KIND,
+                                    MAX_EXTENSIONS, MOMENTUM_WARMUPS, OPTIMIZERS, ROOT, SEEDS, STEPS, TASKS,
+                                    WARMUPS, WIDTHS, footprint, grid, score, setting)
 
-from scripts.compare import Job, find_jobs
-from trainer.tasks import LanguageModelTask, TranslationTask
-
-ROOT = Path(__file__).resolve().parent.parent
 RUNS = ROOT / "multirun" / "study"
+BEST = ROOT / "docs" / "study" / "best.json"  # tune's best settings, where the other parts start
 EXTRA: list[str] = []  # overrides added to every run (--extra: smoke tests)
-OPTIMIZERS = ("adam", "adagrad", "adafactor", "sm3")
-TASKS = ("mt", "lm")
-KIND = {"mt": TranslationTask, "lm": LanguageModelTask}  # what judges a run: the trainer's own tasks
-METRIC = {task: (kind.metric, kind.higher_is_better) for task, kind in KIND.items()}
-SEEDS = (1, 2)
-GRID_WARMUP = 0.05  # schedule.warmup_fraction of the grids (conf/experiment/study/<task>.yaml)
-WARMUPS = (0.02, 0.10)  # SM3's, tried at its best setting
-EQUAL_MEMORY = ("sm3", "adafactor")  # besides Adam, whose budget it is
-WIDTHS = (128, 144, 160, 176, 192, 208, 224, 240, 256)  # d_model candidates (d_ff = 4 d_model)
-MAX_EXTENSIONS = 2
+PARTS = ("tune", "momentum", "beta", "long", "equal-time")
 
 
 def sweep_dir(task: str, optim: str, suffix: str = "") -> Path:
@@ -69,44 +51,87 @@ def launch(task: str, optim: str, overrides: list[str], suffix: str = "") -> Non
     subprocess.run(command, cwd=ROOT, check=False)  # a failed job is recorded; the sweep goes on
 
 
-def grid(task: str, optim: str) -> dict[str, list[float]]:
-    path = ROOT / "conf" / "experiment" / "study" / f"{task}_{optim}.yaml"
-    params = yaml.safe_load(path.read_text())["hydra"]["sweeper"]["params"]
-    return {key: [float(v) for v in str(values).split(",")] for key, values in params.items()}
-
-
-def score(job: Job, task: str) -> float:
-    """The selection value, higher is better; -inf for a run that failed or diverged."""
-    key, higher = METRIC[task]
-    summary = job.summary or {}
-    value = summary.get(f"valid_{key}_averaged", summary.get(f"valid_{key}"))
-    if value is None or not math.isfinite(value):
-        return -math.inf
-    return value if higher else -value
-
-
-def setting(job: Job) -> dict[str, float]:
-    """The swept values of a job: learning rate, momentum, warm-up fraction and seed."""
-    optim, schedule, trainer = (job.config.get(k, {}) for k in ("optim", "schedule", "trainer"))
-    return {"optim.lr": optim.get("lr"), "optim.momentum": optim.get("momentum"),
-            "schedule.warmup_fraction": schedule.get("warmup_fraction"), "trainer.seed": trainer.get("seed")}
-
-
 def jobs_of(task: str, optim: str, suffix: str = "") -> list[Job]:
     path = sweep_dir(task, optim, suffix)
     return find_jobs(path) if path.is_dir() else []
 
 
-def best_job(task: str, optim: str) -> Job | None:
-    """The best seed-0 run of the tuning phases."""
-    tuned = [j for j in jobs_of(task, optim) if j.config and setting(j)["trainer.seed"] == 0]
+def best_job(task: str, optim: str, momentum: float | None = None, suffix: str = "") -> Job | None:
+    """The best seed-0 run of a part (default: the tuning phases), of one momentum if given."""
+    tuned = [j for j in jobs_of(task, optim, suffix) if j.config and setting(j)["trainer.seed"] == 0
+             and (momentum is None or setting(j)["optim.momentum"] == momentum)]
     return max(tuned, key=lambda j: score(j, task), default=None)
 
 
 def overrides_of(job: Job, optim: str) -> list[str]:
     s = setting(job)
-    keys = ["optim.lr", "schedule.warmup_fraction"] + (["optim.momentum"] if optim == "sm3" else [])
-    return [f"{k}={s[k]:g}" for k in keys]
+    keys = ["optim.lr", "schedule.warmup_fraction"] + (["optim.momentum", "optim.beta"] if optim == "sm3" else [])
+    return [f"{k}={s[k]:g}" for k in keys if s[k] is not None]
+
+
+def _best_key(optim: str, momentum: float | None) -> str:
+    return optim if momentum is None else f"{optim}_momentum_{momentum:g}"
+
+
+def best_overrides(task: str, optim: str, momentum: float | None = None) -> list[str]:
+    """The tuned setting, as overrides: from tune's runs where they are here, else from best.json."""
+    job = best_job(task, optim, momentum)
+    if job is not None and math.isfinite(score(job, task)):
+        return overrides_of(job, optim)
+    saved = json.loads(BEST.read_text()) if BEST.exists() else {}
+    entry = saved.get(task, {}).get(_best_key(optim, momentum))
+    if entry is None:
+        raise SystemExit(f"error: no tuned setting of {optim} for {task}: run `--part tune` first ({BEST} lacks it)")
+    return entry["overrides"]
+
+
+def _same_setting(a: Job, b: Job) -> bool:
+    def key(job):
+        return ({k: v for k, v in setting(job).items() if k != "trainer.seed"}, job.config.get("model", {}).get("d_model"))
+    return key(a) == key(b)
+
+
+def seed_group(task: str, optim: str, best: Job, suffix: str = "") -> list[Job]:
+    """The finished runs (every seed) of ``best``'s setting in a part."""
+    return [j for j in jobs_of(task, optim, suffix) if j.summary is not None and _same_setting(j, best)]
+
+
+def write_best(task: str) -> None:
+    """best.json: per optimizer (and SM3's momentum 0.9) the tuned overrides and test metric over seeds."""
+    saved = json.loads(BEST.read_text()) if BEST.exists() else {}
+    metric = f"test_{KIND[task].metric}_averaged"
+    entries = {}
+    for optim in OPTIMIZERS:
+        for momentum in [None] + ([0.9] if optim == "sm3" else []):
+            best = best_job(task, optim, momentum)
+            if best is None:
+                continue
+            group = seed_group(task, optim, best)
+            mean, std = mean_std([j.summary.get(metric) for j in group])
+            entries[_best_key(optim, momentum)] = {"overrides": overrides_of(best, optim), "steps": STEPS[task],
+                                                   "test": [mean, std], "seeds": len(group)}
+    saved[task] = entries
+    BEST.parent.mkdir(parents=True, exist_ok=True)
+    BEST.write_text(json.dumps(saved, indent=1) + "\n")
+
+
+def _lr(overrides: list[str]) -> float:
+    return float(next(o for o in overrides if o.startswith("optim.lr=")).split("=", 1)[1])
+
+
+def _without(overrides: list[str], *keys: str) -> list[str]:
+    return [o for o in overrides if o.split("=", 1)[0] not in keys]
+
+
+def _values(key: str, values) -> str:
+    return f"{key}=" + ",".join(f"{v:g}" for v in values)
+
+
+def horizon(task: str) -> list[str]:
+    """HORIZON times the task's steps, valid and test evaluated six times along the way."""
+    steps = HORIZON * STEPS[task]
+    return [f"trainer.max_steps={steps}", f"trainer.eval_interval={steps // 6}",
+            f"trainer.checkpoint_interval={steps}", "trainer.eval_test=true"]
 
 
 def tune(task: str, optim: str) -> None:
@@ -139,25 +164,26 @@ def seeds(task: str, optim: str) -> None:
         launch(task, optim, overrides_of(best, optim) + ["trainer.seed=" + ",".join(map(str, SEEDS))])
 
 
-def footprint(optim: str, momentum: float, width: int, vocab: int) -> tuple[int, int]:
-    """(parameters, bytes of parameters + gradients + optimizer state after one step) of the
-    transformer_tiny shape at d_model=width, d_ff=4*width (state as ``sm3.optimizer_state_bytes``)."""
-    import torch
-
-    from models import build_model
+def memory_plan(task: str) -> dict:
+    """The equal-memory widths: Adam's tuned run (width 128) holds the budget; each EQUAL_MEMORY optimizer, at
+    its tuned momentum, gets the widest transformer_tiny that fits in it."""
     from scripts.bench_loop import compose
-    from sm3 import optimizer_state_bytes
-    from trainer.optim import build_optimizer
 
-    cfg = compose(["model=transformer_tiny", f"model.d_model={width}", f"model.d_ff={4 * width}",
-                   f"optim={optim}", f"optim.momentum={momentum}"])
-    params = list(build_model(cfg.model, vocab, 0).parameters())
-    optimizer = build_optimizer(cfg.optim, params)
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    optimizer.step()
-    weights = sum(p.numel() * p.element_size() for p in params)
-    return sum(p.numel() for p in params), 2 * weights + optimizer_state_bytes(optimizer)
+    vocab = compose([f"experiment=study/{task}_adam"]).data.vocab_size
+    parameters, budget = footprint("adam", 0.0, 128, vocab)
+    plan = {"budget_bytes": budget, "vocab_size": vocab, "adam": {"d_model": 128, "parameters": parameters,
+                                                                  "bytes": budget}}
+    for optim in EQUAL_MEMORY:
+        tuned = best_overrides(task, optim)
+        momentum = next((float(o.split("=")[1]) for o in tuned if o.startswith("optim.momentum=")), 0.0)
+        fits = [(w, *footprint(optim, momentum, w, vocab)) for w in WIDTHS]
+        width, parameters, used = max((f for f in fits if f[2] <= budget), default=fits[0])
+        plan[optim] = {"d_model": width, "parameters": parameters, "bytes": used, "overrides": tuned}
+    return plan
+
+
+def _width(width: int) -> list[str]:
+    return [f"model.d_model={width}", f"model.d_ff={4 * width}"]
 
 
 def equal_memory(task: str = "mt") -> dict:
@@ -166,22 +192,110 @@ def equal_memory(task: str = "mt") -> dict:
     adam = best_job(task, "adam")
     if adam is None or not adam.summary:
         return {}
-    vocab = adam.summary["vocab_size"]
-    parameters, budget = footprint("adam", 0.0, 128, vocab)
-    assert parameters == adam.summary["parameters"], "the budget is not the size of Adam's run"
-    plan = {"budget_bytes": budget, "adam": {"d_model": 128, "parameters": parameters, "bytes": budget}}
+    plan = memory_plan(task)
+    assert plan["adam"]["parameters"] == adam.summary["parameters"], "the budget is not the size of Adam's run"
     for optim in EQUAL_MEMORY:
-        best = best_job(task, optim)
-        if best is None:
-            continue
-        momentum = (setting(best)["optim.momentum"] or 0.0) if optim == "sm3" else 0.0
-        fits = [(w, *footprint(optim, momentum, w, vocab)) for w in WIDTHS]
-        width, parameters, used = max((f for f in fits if f[2] <= budget), default=fits[0])
-        plan[optim] = {"d_model": width, "parameters": parameters, "bytes": used}
-        launch(task, optim, overrides_of(best, optim) + [f"model.d_model={width}", f"model.d_ff={4 * width}",
-                                                       "trainer.seed=0,1,2"], suffix="_equal_memory")
+        launch(task, optim, plan[optim]["overrides"] + _width(plan[optim]["d_model"]) + ["trainer.seed=0,1,2"],
+               suffix="_equal_memory")
     RUNS.mkdir(parents=True, exist_ok=True)
     (RUNS / f"{task}_equal_memory.json").write_text(json.dumps(plan, indent=2))
+    return plan
+
+
+def momentum(task: str = "mt") -> None:
+    """The momentum diagnosis (scripts/study_momentum.py), then momentum 0.9 at its best learning rate and 2x it
+    with longer warm-ups, and the best of those at HORIZON times the steps."""
+    from scripts import study_momentum
+
+    if not (RUNS / "momentum.json").exists():
+        study_momentum.run(RUNS / "momentum.json")
+    tuned = best_overrides(task, "sm3", 0.9)
+    lr, fixed = _lr(tuned), _without(tuned, "optim.lr", "schedule.warmup_fraction")
+    launch(task, "sm3", fixed + [_values("optim.lr", (lr, 2 * lr)),
+                                 _values("schedule.warmup_fraction", (GRID_WARMUP, *MOMENTUM_WARMUPS))],
+           suffix="_momentum")
+    short = [j for j in jobs_of(task, "sm3", "_momentum") if setting(j)["trainer.max_steps"] == STEPS[task]]
+    best = max(short, key=lambda j: score(j, task), default=None)
+    if best is not None:
+        launch(task, "sm3", overrides_of(best, "sm3") + horizon(task), suffix="_momentum")
+
+
+def betas(task: str) -> None:
+    """SM3's tuned setting with each beta > 0 at BETA_LR_DIVISORS of its learning rate (one more 4x lower while
+    the lowest wins), then the best of each beta, and beta 0, with seeds 0, 1, 2."""
+    tuned = best_overrides(task, "sm3")
+    lr, fixed = _lr(tuned), _without(tuned, "optim.lr", "optim.beta")
+    for beta in BETAS:
+        lrs = [lr / d for d in BETA_LR_DIVISORS]
+        launch(task, "sm3", fixed + [f"optim.beta={beta:g}", _values("optim.lr", lrs)], suffix="_beta")
+        runs = [j for j in jobs_of(task, "sm3", "_beta") if setting(j)["optim.beta"] == beta
+                and setting(j)["trainer.seed"] == 0]
+        best = max(runs, key=lambda j: score(j, task), default=None)
+        if best is not None and math.isfinite(score(best, task)) and setting(best)["optim.lr"] == min(
+                setting(j)["optim.lr"] for j in runs):
+            launch(task, "sm3", fixed + [f"optim.beta={beta:g}", f"optim.lr={setting(best)['optim.lr'] / 4:g}"],
+                   suffix="_beta")
+    launch(task, "sm3", fixed + ["optim.beta=0", f"optim.lr={lr:g}", "trainer.seed=0,1,2"], suffix="_beta")
+    for beta in BETAS:
+        runs = [j for j in jobs_of(task, "sm3", "_beta") if setting(j)["optim.beta"] == beta
+                and setting(j)["trainer.seed"] == 0]
+        best = max(runs, key=lambda j: score(j, task), default=None)
+        if best is not None:
+            launch(task, "sm3", overrides_of(best, "sm3") + [_values("trainer.seed", SEEDS)], suffix="_beta")
+
+
+def long(task: str) -> None:
+    """HORIZON times the steps: each optimizer's tuned learning rate and 2x each side (seed 0), then each one's
+    best with seeds (every optimizer's first, so that a study stopped half-way has compared them all)."""
+    for optim in OPTIMIZERS:
+        tuned = best_overrides(task, optim)
+        lr = _lr(tuned)
+        launch(task, optim, _without(tuned, "optim.lr") + horizon(task) +
+               [_values("optim.lr", (lr / 2, lr, 2 * lr))], suffix="_long")
+    for optim in OPTIMIZERS:
+        best = best_job(task, optim, suffix="_long")
+        if best is not None:
+            launch(task, optim, overrides_of(best, optim) + horizon(task) + [_values("trainer.seed", SEEDS)],
+                   suffix="_long")
+
+
+def seconds_per_step(task: str, plan: dict, rounds: int = 5, steps: int = 4) -> dict[str, float]:
+    """Median seconds of a training step of each plan entry, all built in this process and stepped in turn
+    (a shared machine's drift hits each alike)."""
+    from scripts.bench_loop import compose
+    from scripts.profile_step import Stepper
+
+    steppers = {optim: Stepper(compose([f"experiment=study/{task}_{optim}", *entry.get("overrides", []),
+                                         *_width(entry["d_model"])]))
+                for optim, entry in plan.items() if isinstance(entry, dict)}
+    times: dict[str, list[float]] = {optim: [] for optim in steppers}
+    for stepper in steppers.values():
+        stepper.step("fp32")  # one-time costs
+    for _ in range(rounds):
+        for optim, stepper in steppers.items():
+            times[optim] += [stepper.step("fp32")[0] for _ in range(steps)]
+    return {optim: statistics.median(t) for optim, t in times.items()}
+
+
+def equal_time(task: str = "mt") -> dict:
+    """Adam at width 128 and each EQUAL_MEMORY optimizer at its equal-memory width, the same training time:
+    ``STEPS * t_adam / t_optim`` steps each, with seeds 0, 1, 2; the plan goes to equal_time.json."""
+    path = RUNS / f"{task}_equal_time.json"
+    if path.exists():  # the step counts were measured once: a continued study keeps them
+        plan = json.loads(path.read_text())
+    else:
+        plan = memory_plan(task)
+        plan["adam"]["overrides"] = best_overrides(task, "adam")
+        seconds = seconds_per_step(task, plan)
+        for optim, t in seconds.items():
+            plan[optim].update(seconds_per_step=t, steps=round(STEPS[task] * seconds["adam"] / t))
+        RUNS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(plan, indent=2))
+    for optim in ("adam", *EQUAL_MEMORY):
+        entry = plan[optim]
+        launch(task, optim, entry["overrides"] + _width(entry["d_model"]) + [
+            f"trainer.max_steps={entry['steps']}", f"trainer.eval_interval={max(1, entry['steps'] // 6)}",
+            f"trainer.checkpoint_interval={entry['steps']}", "trainer.seed=0,1,2"], suffix="_equal_time")
     return plan
 
 
@@ -193,32 +307,46 @@ def timed(timings: dict, name: str, fn, *args) -> None:
     (RUNS / "timings.json").write_text(json.dumps(timings, indent=2))
 
 
-def run_study(tasks: list[str]) -> None:
+def run_study(tasks: list[str], parts: list[str]) -> None:
+    """The parts in order of cost, the cheap ones first, so that a study stopped early has the most parts."""
     path = RUNS / "timings.json"
     timings = json.loads(path.read_text()) if path.exists() else {}
-    for task in tasks:
-        for optim in OPTIMIZERS:
-            timed(timings, f"{task} tune {optim}", tune, task, optim)
-        timed(timings, f"{task} warm-up sm3", warmups, task)
-        for optim in OPTIMIZERS:
-            timed(timings, f"{task} seeds {optim}", seeds, task, optim)
-        if task == "mt":
-            timed(timings, f"{task} equal memory", equal_memory, task)
+    if "tune" in parts:
+        for task in tasks:
+            for optim in OPTIMIZERS:
+                timed(timings, f"{task} tune {optim}", tune, task, optim)
+            timed(timings, f"{task} warm-up sm3", warmups, task)
+            for optim in OPTIMIZERS:
+                timed(timings, f"{task} seeds {optim}", seeds, task, optim)
+            if task == "mt":
+                timed(timings, f"{task} equal memory", equal_memory, task)
+            write_best(task)
+    if "momentum" in parts and "mt" in tasks:
+        timed(timings, "mt momentum", momentum, "mt")
+    if "lm" in tasks:
+        for part, fn in (("long", long), ("beta", betas)):
+            if part in parts:
+                timed(timings, f"lm {part}", fn, "lm")
+    if "mt" in tasks:
+        for part, fn in (("beta", betas), ("equal-time", equal_time), ("long", long)):
+            if part in parts:
+                timed(timings, f"mt {part}", fn, "mt")
 
 
 def main() -> None:
-    global RUNS
+    global RUNS, BEST
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    parser.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS), help="parts to run (default all)")
     parser.add_argument("--report", action="store_true", help="only write the report from existing runs")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "study")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the runs go (default multirun/study)")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (smoke tests)")
     args = parser.parse_args()
-    RUNS = args.runs.resolve()
+    RUNS, BEST = args.runs.resolve(), args.out.resolve() / "best.json"
     EXTRA[:] = args.extra
     if not args.report:
-        run_study(args.tasks)
+        run_study(args.tasks, args.part)
     from scripts.study_report import write_report
 
     print(f"report: {write_report(RUNS, args.out)}")

@@ -127,6 +127,7 @@ class TrainerConfig:
     clip_norm: Optional[float] = None
     log_interval: int = 10
     eval_interval: int = 200
+    eval_test: bool = False  # also evaluate the test split every eval_interval (score-against-steps curves)
     checkpoint_interval: int = 200
     checkpoint_minutes: Optional[float] = None  # also checkpoint after this much wall time since the last save
     keep_checkpoints: int = 3  # step-NNNNNN.pt files kept (newest); checkpoints/last.pt links the newest
