@@ -45,6 +45,7 @@ from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.distributed import all_reduce, init_distributed, pick_device, shard_model, slurm_to_torchrun_environment
 from trainer.errors import ConfigError, Preempted, TrainingDiverged
 from trainer.files import RunDirLock, StorageError, os_error_in, storage_error
+from trainer.machine import cpu_description
 from trainer.optim import build_optimizer
 from trainer.preemption import Preemption
 from trainer.runlog import RunLog
@@ -156,7 +157,8 @@ def set_up(cfg, run_dir: Path) -> Run:
     if rank == 0:
         precision = "float32" if autocast is contextlib.nullcontext else "bf16 autocast"
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.optim.name.value}, "
-              f"device {device} ({precision}), {world_size} process(es), run dir {run_dir}")
+              f"device {device} ({precision}{'' if device.type == 'cuda' else '; ' + cpu_description()}), "
+              f"{world_size} process(es), run dir {run_dir}")
     return Run(cfg, task, model, net, averaged, optimizer, scheduler, device, rank, world_size, fsdp,
                autocast, checkpointer, log, state)
 
@@ -350,6 +352,7 @@ def finish(run: Run, started: float) -> float:
         "peak_memory_bytes": peak_memory_bytes(run.device),
         "wall_seconds": time.time() - started,
         "device": str(run.device),
+        "cpu": cpu_description(),  # what the seconds above were measured on
         **({"examples": examples} if examples else {}),  # a decoded sentence per split (translation)
     }
     path = run.log.write_summary(summary)

@@ -1,4 +1,4 @@
-"""docs/study/: the tables and plots of the study's runs (scripts/study.py writes them; this reads them).
+"""docs/study/: the tables and plots of the study's runs (scripts/study.py makes them; this reads them).
 
     uv run python scripts/study.py --report     # redraw from multirun/study
 """
@@ -10,11 +10,13 @@ import math
 from pathlib import Path
 
 from scripts.compare import Job, _save, draw_seed_bands, find_jobs, fmt_mean_std, mean_std, seeds_table
-from scripts.study import KIND, METRIC, OPTIMIZERS, TASKS, footprint, score, setting
+from scripts.study_protocol import (BETAS, HORIZON, KIND, OPTIMIZERS, PROTOCOL, STEPS, TASKS, footprint, score,
+                                    setting)
 
 MIB = 2**20
 TASK_TITLE = {"mt": "Translation (data=builtin_sentences, transformer_tiny, 600 steps of 1k tokens)",
               "lm": "Language modelling (data=builtin_lm, transformer_lm_tiny, 300 steps of 1k tokens)"}
+METRIC = {task: (kind.metric, kind.higher_is_better) for task, kind in KIND.items()}
 METRIC_NAME = {kind.metric: kind.metric_label for kind in KIND.values()}  # "bleu": "BLEU", ...
 
 
@@ -27,6 +29,8 @@ def _key(job: Job, optim: str) -> str:
     parts = [f"lr {s['optim.lr']:g}"]
     if optim == "sm3":
         parts.append(f"momentum {s['optim.momentum']:g}")
+        if s["optim.beta"]:
+            parts.append(f"beta {s['optim.beta']:g}")
     parts.append(f"warm-up {s['schedule.warmup_fraction']:g}")
     return f"{optim}: " + ", ".join(parts)
 
@@ -42,7 +46,9 @@ def _value(job: Job, metric: str, suffix: str = "_averaged", split: str = "valid
 def _fmt(value: float | None) -> str:
     if value is None:
         return "–"
-    return "diverged" if not math.isfinite(value) else f"{value:.2f}"
+    if not math.isfinite(value):
+        return "diverged"
+    return f"{value:.2f}" if abs(value) < 1e4 else f"{value:.1e}"
 
 
 def best_groups(runs: Path, task: str, suffix: str = "") -> dict[str, list[Job]]:
@@ -168,35 +174,217 @@ def _draw_memory(points: list, name: str, path: Path) -> Path:
     return _save(fig, path)
 
 
+def _table(rows: list[list[str]]) -> str:
+    return "\n".join("| " + " | ".join(r) + " |" for r in [rows[0], ["---"] * len(rows[0]), *rows[1:]]) + "\n"
+
+
+def _image(lines: list[str], path: Path) -> None:
+    lines += [f"![{path.name}]({path.name})", ""]
+
+
+def runs_table(jobs: list[Job], task: str, optim: str = "sm3") -> str:
+    """One row per run: its setting, steps, seed and validation and test metric (averaged parameters)."""
+    metric = METRIC[task][0]
+    name = METRIC_NAME[metric]
+    rows = [["setting", "steps", "seed", f"valid {name} (averaged)", f"test {name} (averaged)"]]
+    for job in sorted(jobs, key=lambda j: tuple(setting(j)[k] or 0 for k in (
+            "trainer.max_steps", "optim.beta", "optim.lr", "schedule.warmup_fraction", "trainer.seed"))):
+        s = setting(job)
+        rows.append([_key(job, optim).split(": ", 1)[1], str(s["trainer.max_steps"]), str(s["trainer.seed"]),
+                     _fmt(_value(job, metric)), _fmt(_value(job, metric, split="test"))])
+    return _table(rows)
+
+
+def _settings_groups(jobs: list[Job], task: str, optim: str) -> dict[str, list[Job]]:
+    """Finished jobs grouped by setting (all but the seed), under a readable key."""
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
+        if job.summary is not None:
+            groups.setdefault(f"{_key(job, optim)}, {setting(job)['trainer.max_steps']} steps", []).append(job)
+    return groups
+
+
+def draw_momentum(trace: dict, path: Path) -> Path:
+    """Training loss and update RMS / lr (attention weights) over the first steps, per traced setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (loss_ax, step_ax) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for t in trace["traces"]:
+        label = f"lr {t['lr']:g}, momentum {t['momentum']:g}, warm-up {t['warmup_fraction']:g}"
+        steps = [r["step"] for r in t["steps"]]
+        loss_ax.plot(steps, [r["loss"] for r in t["steps"]], label=label)
+        step_ax.plot(steps, [r["update_rms_over_lr"]["attention"] for r in t["steps"]], label=label)
+    loss_ax.set(xlabel="step", ylabel="training loss", title="Training loss")
+    step_ax.set(xlabel="step", ylabel="RMS(update) / lr, attention weights", yscale="log",
+                title="Size of the step SM3 takes, per unit of learning rate")
+    for ax in (loss_ax, step_ax):
+        ax.grid(alpha=0.3)
+    step_ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def momentum_section(runs: Path, out: Path) -> list[str]:
+    path = runs / "momentum.json"
+    if not path.exists():
+        return []
+    trace = json.loads(path.read_text())
+    marks = (1, 10, 30, 60, 150)
+    rows = [["setting", *(f"step {m}: loss, step/lr (attn, ffn)" for m in marks)]]
+    for t in trace["traces"]:
+        by_step = {r["step"]: r for r in t["steps"]}
+        cells = []
+        for m in marks:
+            r = by_step.get(m)
+            cells.append("–" if r is None else f"{r['loss']:.2f}, {r['update_rms_over_lr']['attention']:.3f}, "
+                                                f"{r['update_rms_over_lr']['feed-forward']:.3f}")
+        rows.append([f"lr {t['lr']:g}, momentum {t['momentum']:g}, warm-up {t['warmup_fraction']:g}", *cells])
+    lines = ["`scripts/study_momentum.py` (seed 0, the study's translation run, its first steps). step/lr is the RMS "
+             "of a step's parameter change over the learning rate of that step: the size of `u` (momentum 0) or "
+             "`m` (momentum 0.9) in the README's pseudocode.", "", _table(rows)]
+    _image(lines, draw_momentum(trace, out / "mt_momentum_trace.png"))
+    p = trace["paths"]
+    lines += [f"The momentum path on the model's own gradients: {p['steps']} steps of the {p['parameters'] / 1e6:.2f}M-"
+              f"parameter model at lr {p['lr']:g}, momentum {p['momentum']:g}, one gradient stream fed to each "
+              "path; the largest parameter difference relative to the largest parameter:", "",
+              _table([["fused vs default path", "fused vs float64 reference", "default vs float64 reference"],
+                      [f"{p['fused_vs_default']:.1e}", f"{p['fused_vs_reference']:.1e}",
+                       f"{p['default_vs_reference']:.1e}"]])]
+    jobs = _jobs(runs, "mt_sm3_momentum")
+    if jobs:
+        lines += ["Momentum 0.9, full runs:", "", runs_table(jobs, "mt")]
+    return lines
+
+
+def beta_section(runs: Path, out: Path, task: str) -> list[str]:
+    jobs = _jobs(runs, f"{task}_sm3_beta")
+    if not jobs:
+        return []
+    metric = METRIC[task][0]
+    name = METRIC_NAME[metric]
+    seeded = [j for j in jobs if setting(j)["trainer.seed"] == 0]
+    groups = {k: g for k, g in _settings_groups(jobs, task, "sm3").items() if len(g) > 1}
+    lines = [f"SM3's tuned setting with beta in (0, {', '.join(map(str, BETAS))}); seed 0:", "",
+             runs_table(seeded, task), "The best of each beta over seeds:", "", seeds_table(groups, metric, name)]
+    _image(lines, draw_seed_bands(groups, metric, name, out / f"{task}_beta.png"))
+    return lines
+
+
+def long_section(runs: Path, out: Path, task: str, best: dict) -> list[str]:
+    """4x the steps: the learning-rate check, the best over seeds against the tuned 600/300-step result."""
+    metric, higher = METRIC[task]
+    name = METRIC_NAME[metric]
+    rows = [["optimizer", f"{STEPS[task]} steps: test {name} (averaged)", "seeds",
+             f"{HORIZON * STEPS[task]} steps: best lr (of 0.5x, 1x, 2x)", f"test {name} (averaged)", "seeds"]]
+    groups, checks = {}, []
+    for optim in OPTIMIZERS:
+        jobs = _jobs(runs, f"{task}_{optim}_long")
+        if not jobs:
+            continue
+        checks += [j for j in jobs if setting(j)["trainer.seed"] == 0]
+        top = max((j for j in jobs if setting(j)["trainer.seed"] == 0), key=lambda j: score(j, task))
+        group = [j for j in jobs if j.summary is not None and _key(j, optim) == _key(top, optim)]
+        groups[_key(top, optim)] = group
+        short = best.get(task, {}).get(optim, {})
+        mean, std = short.get("test", [None, None])
+        rows.append([optim, "–" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}"),
+                     str(short.get("seeds", "–")), f"{setting(top)['optim.lr']:g}",
+                     fmt_mean_std([_value(j, metric, split="test") for j in group]), str(len(group))])
+    if not groups:
+        return []
+    lines = [f"The {STEPS[task]}-step column is the tuning study's (`tune_600.md`); every optimizer kept its "
+             f"warm-up fraction, so its warm-up is {HORIZON}x longer in steps.", "", _table(rows),
+             "Every run (the learning-rate check is seed 0):", ""]
+    for optim in OPTIMIZERS:
+        jobs = [j for j in checks if j.path.parent.name == f"{task}_{optim}_long"]
+        if jobs:
+            lines += [f"{optim}:", "", runs_table(jobs, task, optim)]
+    _image(lines, draw_seed_bands(groups, metric, name, out / f"{task}_long_test.png", split="test"))
+    _image(lines, draw_seed_bands(groups, metric, name, out / f"{task}_long_test_time.png", x="train_seconds",
+                                  split="test"))
+    return lines
+
+
+def equal_time_section(runs: Path, out: Path, task: str = "mt") -> list[str]:
+    path = runs / f"{task}_equal_time.json"
+    if not path.exists():
+        return []
+    plan = json.loads(path.read_text())
+    metric = METRIC[task][0]
+    name = METRIC_NAME[metric]
+    rows = [["optimizer", "d_model", "params + grads + state MiB", "s a step (side by side)", "steps", "seeds",
+             f"test {name} (averaged)", "training s"]]
+    groups = {}
+    for optim in OPTIMIZERS:
+        entry = plan.get(optim)
+        jobs = [j for j in _jobs(runs, f"{task}_{optim}_equal_time") if j.summary is not None]
+        if not isinstance(entry, dict) or "steps" not in entry:
+            continue
+        label = f"{optim} d_model {entry['d_model']}, {entry['steps']} steps"
+        groups[label] = jobs
+        rows.append([optim, str(entry["d_model"]), f"{entry['bytes'] / MIB:.1f}", f"{entry['seconds_per_step']:.3f}",
+                     str(entry["steps"]), str(len(jobs)), fmt_mean_std([_value(j, metric, split="test") for j in jobs]),
+                     fmt_mean_std([j.summary.get("train_seconds") for j in jobs], 0)])
+    lines = [f"Budget: {plan['budget_bytes'] / MIB:.1f} MiB (Adam's run at width 128) and Adam's {STEPS[task]} steps "
+             "of training time. Each optimizer's seconds a step were measured in one process, the three models "
+             "stepped in turn, so that the machine's drift hit each alike.", "", _table(rows)]
+    _image(lines, draw_seed_bands(groups, metric, name, out / f"{task}_equal_time.png", x="train_seconds"))
+    return lines
+
+
+def _cpus(runs: Path) -> list[str]:
+    """The CPUs the runs' summaries name (summary.json's ``cpu``)."""
+    names = set()
+    for summary in runs.glob("*/*/summary.json"):
+        try:
+            names.add(json.loads(summary.read_text()).get("cpu"))
+        except (OSError, ValueError):
+            continue
+    return sorted(n for n in names if n)
+
+
 def write_report(runs: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    import scripts.study as study
-
-    protocol = study.__doc__[study.__doc__.index("The protocol"):study.__doc__.index("Runs live")].strip()
+    best_path = out / "best.json"
+    best = json.loads(best_path.read_text()) if best_path.exists() else {}
+    cpus = _cpus(runs)
     lines = ["# The study: SM3 against Adam, Adagrad and Adafactor", "",
-             "Written by `scripts/study_report.py` from the runs of `scripts/study.py`. Every number is of this "
-             "repository's 2-core CPU, float32. Rerun everything: `uv run python scripts/study.py`; redraw this "
-             "page from the runs: `uv run python scripts/study.py --report`.", "", protocol.replace("``", "`"), ""]
+             "Written by `scripts/study_report.py` from the runs of `scripts/study.py`; what they show is in "
+             "[findings.md](findings.md). Runs on " + (", ".join(f"`{c}`" for c in cpus) or "this CPU") +
+             ", float32. Rerun everything: `uv run python scripts/study.py`; one part: `--part NAME`; redraw this "
+             "page from the runs: `uv run python scripts/study.py --report`.", "", PROTOCOL, ""]
     for task in TASKS:
-        if not any((runs / f"{task}_{o}").is_dir() for o in OPTIMIZERS):
-            continue
-        metric = METRIC[task][0]
-        name = METRIC_NAME[metric]
-        groups = best_groups(runs, task)
-        lines += [f"## {TASK_TITLE[task]}", "", "### Best setting of each optimizer, over seeds (mean ± std)", "",
-                  seeds_table(groups, metric, name), "### Tuning (seed 0)", "", tuning_table(runs, task)]
-        for file in (draw_lr(runs, task, out / f"{task}_lr.png").name,
-                     draw_seed_bands(groups, metric, name, out / f"{task}_valid.png").name,
-                     draw_seed_bands(groups, metric, name, out / f"{task}_valid_time.png", x="train_seconds").name):
-            lines += [f"![{file}]({file})", ""]
-        if task == "mt":
-            section = equal_memory_section(runs, out, task)
+        if any((runs / f"{task}_{o}").is_dir() for o in OPTIMIZERS):
+            metric = METRIC[task][0]
+            name = METRIC_NAME[metric]
+            groups = best_groups(runs, task)
+            lines += [f"## {TASK_TITLE[task]}", "", "### Best setting of each optimizer, over seeds (mean ± std)", "",
+                      seeds_table(groups, metric, name), "### Tuning (seed 0)", "", tuning_table(runs, task)]
+            for file in (draw_lr(runs, task, out / f"{task}_lr.png").name,
+                         draw_seed_bands(groups, metric, name, out / f"{task}_valid.png").name,
+                         draw_seed_bands(groups, metric, name, out / f"{task}_valid_time.png", x="train_seconds").name):
+                lines += [f"![{file}]({file})", ""]
+            if task == "mt":
+                section = equal_memory_section(runs, out, task)
+                if section:
+                    lines += ["### Equal memory", "", *section]
+        elif best.get(task):
+            lines += [f"## {TASK_TITLE[task]}", "", "The tune part's runs are not here: the settings the other parts "
+                      "start from are in `best.json` (its `source` says where they come from), the tuning's tables "
+                      "in [tune_600.md](tune_600.md).", ""]
+        for title, section in (("Momentum", momentum_section(runs, out) if task == "mt" else []),
+                               ("SM3's beta", beta_section(runs, out, task)),
+                               (f"{HORIZON}x the steps", long_section(runs, out, task, best)),
+                               ("Equal memory at equal wall time", equal_time_section(runs, out) if task == "mt"
+                                else [])):
             if section:
-                lines += ["### Equal memory", "", *section]
+                lines += [f"### {title} ({task})", "", *section]
     timings = runs / "timings.json"
     if timings.exists():
         spent = json.loads(timings.read_text())
-        lines += ["## Time each phase took on this CPU", "", "| phase | minutes |", "| --- | ---: |",
+        lines += ["## Time each phase took", "", "| phase | minutes |", "| --- | ---: |",
                   *(f"| {k} | {v / 60:.1f} |" for k, v in spent.items()),
                   f"| **all** | **{sum(spent.values()) / 60:.1f}** |", ""]
     commands = runs / "commands.log"

@@ -46,28 +46,73 @@ def test_every_optimizer_gets_the_same_task(task, compose):
     assert cfgs[0].data.name == expected
 
 
-def _fake_train(monkeypatch, tmp_path, bleu_of):
-    """study.launch replaced by jobs that only write what a finished run writes, BLEU from ``bleu_of``."""
+def _fake_train(monkeypatch, tmp_path, bleu_of, best: dict | None = None):
+    """study.launch replaced by jobs that only write what a finished run writes, BLEU from
+    ``bleu_of(lr, momentum, beta, steps)`` (or of its first two); ``best``: the best.json to start from."""
     monkeypatch.setattr(study, "RUNS", tmp_path)
+    monkeypatch.setattr(study, "BEST", tmp_path / "best.json")
+    if best is not None:
+        (tmp_path / "best.json").write_text(json.dumps(best))
     launched = []
+    arity = bleu_of.__code__.co_argcount
 
     def fake_launch(task, optim, overrides, suffix=""):
         launched.append(overrides)
         values = {k: ",".join(map(str, v)) for k, v in study.grid(task, optim).items()}
         values.update(o.split("=", 1) for o in overrides)
+        steps = int(values.get("trainer.max_steps", study.STEPS[task]))
+        beta = float(values.get("optim.beta", 0))
+        warmup = float(values.get("schedule.warmup_fraction", 0.05))
         for lr in values["optim.lr"].split(","):
             for momentum in values.get("optim.momentum", "0").split(","):
                 for seed in values.get("trainer.seed", "0").split(","):
-                    job = study.sweep_dir(task, optim, suffix) / f"optim.lr={lr},m={momentum},trainer.seed={seed}"
+                    job = study.sweep_dir(task, optim, suffix) / (f"optim.lr={lr},m={momentum},b={beta},w={warmup},"
+                                                                  f"s={steps},trainer.seed={seed}")
                     job.mkdir(parents=True, exist_ok=True)
                     (job / "config.yaml").write_text(json.dumps({
-                        "optim": {"lr": float(lr), "momentum": float(momentum)},
-                        "schedule": {"warmup_fraction": 0.05}, "trainer": {"seed": int(seed)}}))
-                    bleu = bleu_of(float(lr), float(momentum))
-                    (job / "summary.json").write_text(json.dumps({"valid_bleu_averaged": bleu}))
+                        "optim": {"lr": float(lr), "momentum": float(momentum), "beta": beta},
+                        "schedule": {"warmup_fraction": warmup}, "trainer": {"seed": int(seed), "max_steps": steps}}))
+                    bleu = bleu_of(*(float(lr), float(momentum), beta, steps)[:arity])
+                    (job / "summary.json").write_text(json.dumps({"valid_bleu_averaged": bleu,
+                                                                  "test_bleu_averaged": bleu}))
 
     monkeypatch.setattr(study, "launch", fake_launch)
     return launched
+
+
+BEST = {"mt": {optim: {"overrides": [f"optim.lr={lr}", "schedule.warmup_fraction=0.05"], "steps": 600,
+                       "test": [50.0, 1.0], "seeds": 3}
+               for optim, lr in (("adam", 0.004), ("adagrad", 0.0125), ("adafactor", 0.08), ("sm3", 0.05))}}
+BEST["mt"]["sm3"]["overrides"] += ["optim.momentum=0", "optim.beta=0"]
+
+
+def test_long_runs_each_optimizer_around_its_tuned_lr_then_seeds_the_best(tmp_path, monkeypatch):
+    """At 4x the steps the best learning rate moves up for Adam (1x -> 2x): its seeds run there; the learning-rate
+    checks of every optimizer come before any seeds."""
+    launched = _fake_train(monkeypatch, tmp_path, lambda lr, m, b, steps: 50 - abs(math.log2(lr / 0.008)), BEST)
+    study.long("mt")
+    checks, seeded = launched[:4], launched[4:]
+    assert all("trainer.max_steps=2400" in o and "trainer.eval_test=true" in o for o in launched)
+    assert "optim.lr=0.002,0.004,0.008" in checks[0] and "optim.lr=0.025,0.05,0.1" in checks[3]
+    assert len(seeded) == 4 and all("trainer.seed=1,2" in o for o in seeded)
+    assert "optim.lr=0.008" in seeded[0]  # Adam's best moved to 2x its tuned rate
+    from scripts.study_report import write_report
+
+    report = write_report(tmp_path, tmp_path).read_text()  # best.json, where write_report reads it, is there
+    assert "### 4x the steps (mt)" in report and "| adam | 50.00 ± 1.00 | 3 | 0.008 | 50.00 ± 0.00 | 3 |" in report
+
+
+def test_beta_grid_goes_lower_while_the_lowest_lr_wins(tmp_path, monkeypatch):
+    """An EMA (beta > 0) wants a lower rate than a sum: with beta 0.999 the best is below 1/16 of the tuned
+    rate, so one more rate 4x lower is tried; every beta's best, and beta 0, get seeds."""
+    launched = _fake_train(monkeypatch, tmp_path,
+                           lambda lr, m, b, steps: 60 - abs(math.log2(lr / (0.05 if b < 0.99 else 0.0005))), BEST)
+    study.betas("mt")
+    assert ["schedule.warmup_fraction=0.05", "optim.momentum=0", "optim.beta=0.999", "optim.lr=0.05,0.0125,0.003125"] \
+        in launched
+    assert ["schedule.warmup_fraction=0.05", "optim.momentum=0", "optim.beta=0.999", "optim.lr=0.00078125"] in launched
+    seeded = [o for o in launched if any(x.startswith("trainer.seed=") for x in o)]
+    assert len(seeded) == 4 and "trainer.seed=0,1,2" in seeded[0] and "optim.beta=0" in seeded[0]
 
 
 def test_tuning_extends_the_grid_until_it_brackets_the_best(tmp_path, monkeypatch):

@@ -61,7 +61,8 @@ class Task:
     @classmethod
     def selection_value(cls, summary: dict) -> float:
         """For sweepers, higher is better: the validation metric (of the averaged model where there is one)."""
-        best = summary.get(f"valid_{cls.metric}_averaged", summary[f"valid_{cls.metric}"])
+        averaged = summary.get(f"valid_{cls.metric}_averaged")
+        best = summary[f"valid_{cls.metric}"] if averaged is None else averaged
         return best if cls.higher_is_better else -best
 
     @classmethod
