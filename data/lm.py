@@ -42,7 +42,7 @@ from .batching import shard
 from .config import as_config, resolve_path
 from .corpus import (SPLITS, DataError, carve, carve_missing_splits, column_as_list, iter_lines,
                      load_hub_dataset, load_jsonl_splits, normalize_text, quiet_datasets)
-from .synthetic import write_builtin_jsonl
+from .builtin import write_builtin_jsonl
 from .tokenizer import Tokenizer, train_or_load_tokenizer
 from .translation import BUILTIN_DATA_SEED
 
