@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 
 from . import sentences, synthetic
+from .files import write_then_rename
 
 # data.name -> (its generate_splits, its GENERATOR_VERSION: bumped when the output changes).
 GENERATORS = {
@@ -43,10 +44,6 @@ def write_builtin_jsonl(cache_dir: str | os.PathLike, num_train: int, num_valid:
         return paths
     directory.mkdir(parents=True, exist_ok=True)
     for split, pairs in GENERATORS[name][0](num_train, num_valid, num_test, seed).items():
-        # Write then rename, so a concurrent reader (another rank) never sees half a file.
-        tmp = f"{paths[split]}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for source, target in pairs:
-                f.write(json.dumps({"source": source, "target": target}, ensure_ascii=False) + "\n")
-        os.replace(tmp, paths[split])
+        lines = "".join(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n" for s, t in pairs)
+        write_then_rename(paths[split], lambda f: f.write(lines.encode("utf-8")))
     return paths
