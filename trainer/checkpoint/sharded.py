@@ -15,7 +15,7 @@ from trainer.checkpoint.common import (Contents, restore_rng, rng_state, save_fi
                                        sync_dir)
 from trainer.checkpoint.safe_load import (CheckpointError, UnsafeCheckpointError, check_model_config,
                                           check_optim_config, load_weights_only, read_metadata, safe_reader)
-from trainer.distributed import all_reduce
+from trainer.distributed import all_reduce, is_dtensor, is_main_process, rank as this_rank
 
 
 def _split(tree: dict) -> tuple[dict, dict]:
@@ -90,10 +90,10 @@ class ShardedBackend:
         import torch.distributed.checkpoint as dcp
 
         c = self.contents
-        rank, world_size = dist.get_rank(), dist.get_world_size()
+        rank, world_size, main = this_rank(), dist.get_world_size(), is_main_process()
         state = _sharded_state(c.model, c.optimizer, c.averaged)
         names = [name for name, tensor in state["model"].items() if tensor.is_floating_point()]
-        local = [t.to_local() if hasattr(t, "to_local") else t for t in (state["model"][name] for name in names)]
+        local = [t.to_local() if is_dtensor(t) else t for t in (state["model"][name] for name in names)]
         bad = all_reduce([float(not torch.isfinite(t).all()) for t in local], dist.ReduceOp.MAX)  # each rank its shards
         if any(bad):
             raise CheckpointError(f"refusing to checkpoint step {progress['step']}: parameter "
@@ -101,19 +101,19 @@ class ShardedBackend:
         tensors, rest = _split(state)
         final = self.directory / f"step-{progress['step']:06d}"
         tmp = final.with_name(final.name + ".tmp")
-        if rank == 0:
+        if main:
             for stale in self.directory.glob("step-*.tmp"):  # left by saves that were killed
                 shutil.rmtree(stale)
             tmp.mkdir(parents=True)
         dist.barrier()
         save_file(rng_state(), tmp / f"rng-{rank}.pt")
         dcp.save(tensors, checkpoint_id=tmp)  # returns on every rank once all shards and .metadata are written
-        if rank == 0:
+        if main:
             saved = {"progress": dict(progress), "scheduler": c.scheduler.state_dict(), "world_size": world_size,
                      "model_config": c.model_config, "optim_config": c.optim_config, "non_tensor": rest}
             save_file(saved, tmp / "state.pt")
         dist.barrier()
-        if rank == 0:
+        if main:
             if final.exists():  # a corrupt one of the same step, from before the resume
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -147,7 +147,7 @@ class ShardedBackend:
         """This rank's ``read_sharded_state(path)``, or None (reported) when it is unreadable on any rank."""
         problem, unsafe = None, False
         try:
-            state = read_sharded_state(path, dist.get_rank())
+            state = read_sharded_state(path, this_rank())
         except CheckpointError as error:
             problem, unsafe = error, isinstance(error, UnsafeCheckpointError)
         worst = all_reduce([float(problem is not None) + float(unsafe)], dist.ReduceOp.MAX)[0]
