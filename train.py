@@ -319,10 +319,9 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> None:
                 if run.is_main:
                     bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in results.items()))
             if signalled:
-                run.checkpointer.save(state.state_dict())
+                run.checkpointer.save(state.state_dict(), force=True)
                 raise preemption.stopped(state.step, run.checkpointer.latest(state.step))
-            if run.checkpointer.due(state.step):
-                run.checkpointer.save(state.state_dict())
+            run.checkpointer.save(state.state_dict())  # when due (trainer.checkpoint_interval / _minutes)
             if time_up:
                 print(f"Stopping at step {state.step}: trainer.max_minutes={trainer.max_minutes} reached")
                 break
@@ -330,7 +329,7 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> None:
 
 def finish(run: Run, started: float) -> float:
     """Save, evaluate on valid and test, write summary.json; returns the value a sweeper maximises."""
-    run.checkpointer.save(run.state.state_dict())
+    run.checkpointer.save(run.state.state_dict(), force=True)
     if not (run.is_main or run.fsdp):
         return float("nan")
     results = {**evaluate(run, "valid"), **evaluate(run, "test")}

@@ -39,10 +39,11 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .batching import shard
+from .builtin import write_builtin_jsonl
 from .config import as_config, resolve_path
 from .corpus import (SPLITS, DataError, carve, carve_missing_splits, column_as_list, iter_lines,
                      load_hub_dataset, load_jsonl_splits, normalize_text, quiet_datasets)
-from .synthetic import write_builtin_jsonl
+from .files import write_then_rename
 from .tokenizer import Tokenizer, train_or_load_tokenizer
 from .translation import BUILTIN_DATA_SEED
 
@@ -327,10 +328,7 @@ def cached_stream(tokenizer: Tokenizer, docs: Sequence[str], cache_dir: str
     if not os.path.exists(path):
         stream, kept = encode_stream(tokenizer, docs)
         os.makedirs(directory, exist_ok=True)
-        # Write then rename so a concurrent process never loads half a file.
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save({"stream": stream, "documents": kept}, tmp)
-        os.replace(tmp, path)
+        write_then_rename(path, lambda f: torch.save({"stream": stream, "documents": kept}, f))
         del stream  # reloaded below as a mapping, like every later run
     saved = torch.load(path, mmap=True, weights_only=True)
     return saved["stream"], saved["documents"]

@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import calendar
 import datetime
-import hashlib
-import json
-import os
 import random
-from pathlib import Path
 
 # Bump when the generator's output changes, so cached files are not reused.
 GENERATOR_VERSION = 1
@@ -303,40 +299,3 @@ def generate_splits(num_train: int, num_valid: int, num_test: int, seed: int
         "valid": pairs[num_train:num_train + num_valid],
         "test": pairs[num_train + num_valid:],
     }
-
-
-# The built-in generators: data.name -> (module's generate_splits, its GENERATOR_VERSION).
-def _generators() -> dict:
-    from . import sentences
-
-    return {"builtin": (generate_splits, GENERATOR_VERSION),
-            "builtin_sentences": (sentences.generate_splits, sentences.GENERATOR_VERSION)}
-
-
-def builtin_params_hash(num_train: int, num_valid: int, num_test: int, seed: int,
-                        name: str = "builtin") -> str:
-    params = {"version": _generators()[name][1], "num_train": num_train,
-              "num_valid": num_valid, "num_test": num_test, "seed": seed}
-    if name != "builtin":  # the phrases keep the directory they always had
-        params["name"] = name
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def write_builtin_jsonl(cache_dir: str | os.PathLike, num_train: int, num_valid: int,
-                        num_test: int, seed: int, name: str = "builtin") -> dict[str, str]:
-    """Write the splits of built-in corpus `name` (`builtin`: these phrases, `builtin_sentences`:
-    `data.sentences`) as JSONL under cache_dir, only if missing; return split -> path."""
-    digest = builtin_params_hash(num_train, num_valid, num_test, seed, name)
-    directory = Path(cache_dir) / f"{name}-{digest}"
-    paths = {split: str(directory / f"{split}.jsonl") for split in ("train", "valid", "test")}
-    if all(os.path.exists(p) for p in paths.values()):
-        return paths
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, pairs in _generators()[name][0](num_train, num_valid, num_test, seed).items():
-        # Write then rename, so a concurrent reader (another rank) never sees half a file.
-        tmp = f"{paths[split]}.tmp{os.getpid()}"
-        with open(tmp, "w", encoding="utf-8") as f:
-            for source, target in pairs:
-                f.write(json.dumps({"source": source, "target": target}, ensure_ascii=False) + "\n")
-        os.replace(tmp, paths[split])
-    return paths

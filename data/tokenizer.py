@@ -6,7 +6,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -14,6 +13,7 @@ from typing import Iterable, Sequence
 import sentencepiece as spm
 
 from .corpus import DataError
+from .files import write_then_rename
 
 logger = logging.getLogger(__name__)
 
@@ -113,10 +113,6 @@ def _train(texts: list[str], options: dict, model_path: Path) -> None:
                                        **options)
     except RuntimeError as e:
         raise DataError(f"SentencePiece training failed: {e}") from None
-    # Write then rename so a concurrent process never loads half a model.
-    tmp = f"{model_path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, model_path)
+    write_then_rename(model_path, lambda f: f.write(model.getvalue()))
     logger.info("trained %s SentencePiece model on %d sentences -> %s", options["model_type"],
                 len(texts), model_path)

@@ -13,7 +13,7 @@ from .batching import Batch, bucket_indices, collate, example_cost, shard
 from .config import as_config, resolve_path
 from .corpus import (SPLITS, DataError, drop_empty_pairs, load_jsonl_splits, load_wmt14,
                      read_local_corpus)
-from .synthetic import write_builtin_jsonl
+from .builtin import GENERATORS, write_builtin_jsonl
 from .tokenizer import Tokenizer, train_or_load_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class TranslationData:
 
 def _read_corpus(cfg: DataConfig, cache_dir: str) -> dict[str, tuple[list[str], list[str]]]:
     hf_cache = os.path.join(cache_dir, "hf")
-    if cfg.name in ("builtin", "builtin_sentences"):
+    if cfg.name in GENERATORS:
         if (cfg.source_lang, cfg.target_lang) != ("en", "fr"):
             raise DataError(f"the {cfg.name} corpus is en->fr; got data.source_lang="
                             f"{cfg.source_lang!r}, data.target_lang={cfg.target_lang!r}")

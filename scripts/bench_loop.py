@@ -26,20 +26,12 @@ from pathlib import Path
 
 import torch
 
+from trainer.config import compose  # the one composer; scripts.study* and profile_step import it from here
+
 ROOT = Path(__file__).resolve().parents[1]
 
 WINDOW = 10  # steps per throughput sample
 WARMUP_WINDOWS = 2
-
-
-def compose(overrides: list[str]):
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from trainer import config
-
-    config.register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
 
 
 def bare_loop(cfg, steps: int) -> list[float]:

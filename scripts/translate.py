@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from data import DataError, load_translation_data
 from models import build_model
 from trainer.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from trainer.tasks import decode_length
 
 
 def load_run(path: Path, last_iterate: bool, device: torch.device):
@@ -53,8 +54,8 @@ def translate(model, tokenizer, lines: list[str], beam_size: int, length_penalty
         src = torch.full((len(chunk), max(len(ids) for ids in chunk) + 1), tokenizer.pad_id, dtype=torch.long)
         for row, ids in enumerate(chunk):
             src[row, :len(ids) + 1] = torch.tensor(ids + [tokenizer.eos_id])
-        max_len = int(1.5 * src.shape[1]) + 10
-        ids = model.generate(src.to(device), tokenizer.bos_id, tokenizer.eos_id, max_len, beam_size, length_penalty)
+        ids = model.generate(src.to(device), tokenizer.bos_id, tokenizer.eos_id, decode_length(src.shape[1]),
+                             beam_size, length_penalty)
         out += [tokenizer.decode(h) for h in ids]
     return out
 

@@ -77,25 +77,14 @@ class SM3(Optimizer):
             chunk's ``nu += g^2`` and update run in one pass through torch's built-in fused
             Adagrad kernel (``torch._fused_adagrad_``). Rank 0/1 parameters (biases, norms)
             are stepped together through ``torch._foreach_*`` ops, a chunk at a time.
-        fused: ``True`` steps each parameter in one pass over memory (nu, accumulator
-            maxima, momentum and update together): a C++/OpenMP kernel on CPU, built once
-            per machine on first use and cached in torch's extension directory, and a
-            Triton kernel on CUDA. ``None`` (default) does the same wherever it is
-            available; ``False`` forces the default path. A parameter still takes the
-            default path when its gradient is sparse, its dtype is not float32, bfloat16 or
-            float16, it is not contiguous, it lives on a device other than CPU/CUDA, it is a
-            CUDA tensor and Triton is missing, or the CPU kernel cannot be built
-            (no compiler: one warning, then the default path). The fused path agrees with
-            the default path to float32 rounding. Sharded (DTensor) parameters (FSDP2,
-            tensor parallelism) go through the kernel on their local shards, and the maxima
-            over sharded dimensions of all parameters take one MAX all-reduce per process
-            group per step. Under ``torch.compile`` the kernels are one
-            custom op (``sm3::fused_step_``), so ``fullgraph=True`` traces ``step()``; the
-            learning rate is passed as a tensor and never triggers a recompilation (the
-            first step, which creates the state, compiles a graph of its own). On CUDA a step
-            is a constant number of Triton launches however many parameters there are (two
-            for float32: matrices, and vectors; one more per other rank), driven by a table of tensor addresses that is
-            copied to the device every step (so the step cannot be captured in a CUDA graph).
+        fused: ``True`` steps each parameter in one pass over memory: a C++/OpenMP kernel on
+            CPU (compiled on first use, then cached) and a Triton kernel on CUDA. ``None``
+            (default) does so wherever it can; ``False`` forces the default path. Parameters
+            the kernel cannot take (sparse gradients, dtypes other than float32, bfloat16 and
+            float16, non-contiguous tensors, CUDA without Triton, CPU without a compiler, which
+            warns once) take the default path. Both paths agree to float32 rounding. The kernel
+            also steps sharded (DTensor) parameters and traces under
+            ``torch.compile(fullgraph=True)``; a CUDA step cannot be captured in a CUDA graph.
         momentum_dtype: dtype of ``momentum_buffer`` (default: the parameter's dtype);
             ``torch.bfloat16`` halves its memory. Arithmetic stays in the statistics dtype.
     """
@@ -189,7 +178,7 @@ class SM3(Optimizer):
             params, grads, accumulators, momentum_buffers, state_steps, fusable = [], [], [], [], [], []
             self._gather_group(group, params, grads, accumulators, momentum_buffers, state_steps, fusable)
             _step_group(params, grads, accumulators, momentum_buffers, state_steps, fusable,
-                        Hyperparams.of(group), pending_max=pending_max)
+                        Hyperparams.of(group), pending_max)
         all_reduce_max(pending_max)
         return loss
 
@@ -261,6 +250,15 @@ def _accumulators(p: Tensor, state: dict) -> list[Tensor]:
     return [state[f"accumulator_{r}"] for r in range(p.dim())]
 
 
+class _FusedBatch(NamedTuple):
+    """The fused kernel's arguments for the parameters of one device, in ``_fused.fused_step``'s order."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    accumulators: list[Tensor]  # flat: each parameter's accumulators in turn
+    momentum_buffers: list[Tensor]  # empty when momentum = 0
+
+
 def _step_group(
     params: list[Tensor],
     grads: list[Tensor],
@@ -269,8 +267,7 @@ def _step_group(
     state_steps: list[Tensor],
     fusable: list[bool],
     hyper: Hyperparams,
-    *,
-    pending_max: Optional[dict] = None,
+    pending_max: dict,
 ) -> None:
     """One SM3 step of a parameter group's lists (as gathered by ``SM3._gather_group``).
 
@@ -280,17 +277,14 @@ def _step_group(
     Sharded (DTensor) parameters step their local shards on these paths (the fused kernel
     reads the old accumulators, the sharded dimension's local and the others replicated, and
     overwrites them with the local maxima of nu); the maxima that run over a sharded dimension
-    are collected in ``pending_max`` and all-reduced by the caller (here, when ``pending_max``
-    is None), one MAX all-reduce per process group for all parameters.
+    are collected in ``pending_max`` for the caller to all-reduce once for all groups, one MAX
+    all-reduce per process group.
     """
     if not params:
         return
     torch._foreach_add_(state_steps, 1)
-    reduce_here = pending_max is None
-    if reduce_here:
-        pending_max = {}
     sparse, diagonal, dense = [], [], []  # (param, grad, accumulators, momentum buffer)
-    batches: dict = {}  # device -> (params, grads, accumulators, momentum buffers), fused
+    batches: dict[torch.device, _FusedBatch] = {}
     for p, grad, accs, buf, fuse in zip(params, grads, accumulators, momentum_buffers, fusable):
         if grad.is_sparse:
             sparse.append((p, grad, accs, buf))
@@ -302,12 +296,12 @@ def _step_group(
             if fuse and not p.numel():  # a rank holding no rows: its maxima are of nothing
                 torch._foreach_zero_(accs)
         if fuse:
-            batch = batches.setdefault(p.device, ([], [], [], []))
-            batch[0].append(p)
-            batch[1].append(grad)
-            batch[2].extend(accs)
+            batch = batches.setdefault(p.device, _FusedBatch([], [], [], []))
+            batch.params.append(p)
+            batch.grads.append(grad)
+            batch.accumulators.extend(accs)
             if hyper.momentum > 0:
-                batch[3].append(buf)
+                batch.momentum_buffers.append(buf)
         else:
             (diagonal if p.dim() <= 1 else dense).append((p, grad, accs, buf))
     if sparse or diagonal or dense:
@@ -321,8 +315,6 @@ def _step_group(
             _dense_step(p, grad, accs, buf, plain, workspaces)
     for batch in batches.values():
         _fused.fused_step(*batch, hyper)
-    if reduce_here:
-        all_reduce_max(pending_max)
 
 
 def _workspace(workspaces: dict, numel: int, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -341,9 +333,6 @@ def _diagonal_steps(items: list, hyper: Hyperparams) -> None:
     ``torch._foreach_*`` ops: one call per op for many small tensors (biases, norms) instead of
     several per tensor, while the temporaries stay within one chunk.
     """
-    lr, momentum, beta, eps = hyper.lr, hyper.momentum, hyper.beta, hyper.eps
-    decay = 1.0 - lr * hyper.weight_decay
-    direction = -1.0 if hyper.maximize else 1.0  # maximize: ascend, as if g were -g
     batch, size = [], 0
     for p, grad, accs, buf in items:
         acc = accs[0].view(-1)
@@ -351,17 +340,21 @@ def _diagonal_steps(items: list, hyper: Hyperparams) -> None:
         for start in range(0, p.numel(), pieces):
             stop = min(start + pieces, p.numel())
             if size + stop - start > max(_CHUNK_ELEMENTS, pieces):
-                _diagonal_batch(batch, lr, momentum, beta, eps, decay, direction)
+                _diagonal_batch(batch, hyper)
                 batch, size = [], 0
             batch.append((p.view(-1)[start:stop], grad.reshape(-1)[start:stop], acc[start:stop],
                           None if buf is None else buf.view(-1)[start:stop]))
             size += stop - start
     if batch:
-        _diagonal_batch(batch, lr, momentum, beta, eps, decay, direction)
+        _diagonal_batch(batch, hyper)
 
 
-def _diagonal_batch(batch: list, lr: float, momentum: float, beta: float, eps: float, decay: float,
-                    direction: float) -> None:
+def _diagonal_batch(batch: list, hyper: Hyperparams) -> None:
+    """Diagonal Adagrad on ``(param, grad, accumulator, momentum buffer)`` pieces, one
+    ``torch._foreach_*`` call per op."""
+    lr, momentum, beta, eps = hyper.lr, hyper.momentum, hyper.beta, hyper.eps
+    decay = 1.0 - lr * hyper.weight_decay
+    direction = -1.0 if hyper.maximize else 1.0  # maximize: ascend, as if g were -g
     xs, gs, accs, bufs = (list(column) for column in zip(*batch))
     dtype = accs[0].dtype
     gs = [g.to(dtype) for g in gs]
@@ -432,34 +425,27 @@ def _plan(shape: tuple, threads: int, chunk_elements: Optional[int]) -> _Plan:
 def _dense_step(p: Tensor, grad: Tensor, accs: list[Tensor], buf: Optional[Tensor], hyper: Hyperparams,
                 workspaces: dict) -> None:
     """In-place SM3 step for a dense gradient of a parameter of rank >= 2, in row chunks of
-    dimension 0."""
-    lr, momentum, beta, eps = hyper.lr, hyper.momentum, hyper.beta, hyper.eps
-    decay = 1.0 - lr * hyper.weight_decay
-    direction = -1.0 if hyper.maximize else 1.0  # maximize: ascend, as if g were -g
+    dimension 0: the walk over chunks here, each chunk's arithmetic in ``_adagrad_kernel_chunk``
+    or ``_plain_chunk`` (the plain form: ``tests/sm3/reference_sm3.py``)."""
     dtype = accs[0].dtype
     # Chunks keep a CPU's passes in cache. The CPU's threads each take an equal, contiguous
     # share of a chunk's elements in the elementwise ops; the maxima of a_2..a_k are taken per
-    # share (the rows of ``new_accs``, reduced after the sweep), so that each thread reads the
-    # rows it just wrote from its own core's cache: reading columns across shares measured
-    # ~15% slower. On an accelerator each op is a kernel launch, so one chunk is faster.
+    # share (see ``_Maxima``). On an accelerator each op is a kernel launch, so one chunk is faster.
     on_cpu = p.device.type == "cpu"
     threads = torch.get_num_threads() if on_cpu else 1
     plan = _plan(tuple(p.shape), threads, _CHUNK_ELEMENTS if on_cpu else None)
     # With beta = 0, eps is folded into the (small) accumulators: min_r (a_r + eps) + g^2
     # is nu + eps up to rounding, which saves a full pass; it is taken off again at the end.
-    shift = eps if not beta else 0.0
+    shift = hyper.eps if not hyper.beta else 0.0
     if shift:
         torch._foreach_add_(accs, shift)
-    views = [a.view(shape) for a, shape in zip(accs, plan.views)]
-    new_accs = [torch.zeros(threads, a.numel(), dtype=dtype, device=p.device) for a in accs[1:]]
-    ws = _workspace(workspaces, plan.workspace, dtype, p.device)
-    # With beta = 0 on CPU, torch's own fused Adagrad kernel (a built-in op, no compiler) does
-    # nu += g^2 and x -= lr * g / sqrt(nu) in one pass over memory, where addcmul, sqrt and
-    # addcdiv took three (the whole step measured ~25% faster). eps is already folded into
-    # nu, so it runs with eps = 0 (Adagrad adds its eps after the square root). With momentum
-    # it updates the buffer instead, with the step size -(1 - momentum).
+    # torch's fused Adagrad kernel takes nu += g^2 and the update in one pass where it can:
+    # beta = 0 (eps folded), on CPU, everything in the statistics dtype.
     one_pass = (shift and on_cpu and _fused_adagrad_ is not None and p.dtype == dtype
                 and grad.dtype == dtype and (buf is None or buf.dtype == dtype))
+    views = [a.view(shape) for a, shape in zip(accs, plan.views)]
+    maxima = _Maxima(accs, threads, plan)
+    ws = _workspace(workspaces, plan.workspace, dtype, p.device)
     for start, stop, shares in plan.chunks:
         g = grad[start:stop]
         if g.dtype != dtype:
@@ -471,50 +457,101 @@ def _dense_step(p: Tensor, grad: Tensor, accs: list[Tensor], buf: Optional[Tenso
             nu.copy_(views[0][start:stop].expand_as(nu))
             for v in views[1:]:
                 torch.minimum(nu, v, out=nu)
+        chunk = _Chunk(p[start:stop], g, nu, None if buf is None else buf[start:stop], start, stop, shares)
         if one_pass:
-            x = p[start:stop]
-            if decay != 1.0:
-                x.mul_(decay)
-            target, step_size = (x, lr) if buf is None else (buf[start:stop].mul_(momentum), momentum - 1.0)
-            _fused_adagrad_([target], [g], [nu], [_ONE], lr=step_size, lr_decay=0.0, weight_decay=0.0,
-                            eps=0.0, maximize=hyper.maximize)
-            if buf is not None:
-                x.add_(target, alpha=-lr)
-        elif beta:
-            nu.mul_(beta).addcmul_(g, g, value=1.0 - beta)
+            _adagrad_kernel_chunk(chunk, hyper, maxima)
         else:
-            nu.addcmul_(g, g)
-        # a_1 of these rows is done (the chunk's rows were read from it above).
-        torch.amax(nu, dim=plan.row_dims, out=accs[0][start:stop])
-        nu_shares = nu.view(shares, -1, *nu.shape[1:])
-        for new, dims in zip(new_accs, plan.share_dims):
-            torch.maximum(new[:shares], torch.amax(nu_shares, dim=dims), out=new[:shares])
-        if one_pass:
-            continue
-        if not shift:
-            nu.add_(eps)
-        # sqrt, then divide inside addcdiv: rsqrt (a square root and a divide) and a multiply
-        # measured ~2x slower on CPU for the same numbers up to rounding.
-        root = nu.sqrt_()
-        x = p[start:stop]
-        x32 = x if x.dtype == dtype else x.to(dtype)
-        if decay != 1.0:
-            x32.mul_(decay)
-        if buf is None:
-            x32.addcdiv_(g, root, value=-direction * lr)
-        else:
-            m = buf[start:stop]
-            m32 = m if m.dtype == dtype else m.to(dtype)
-            m32.mul_(momentum).addcdiv_(g, root, value=direction * (1.0 - momentum))
-            if m32 is not m:
-                m.copy_(m32)
-            x32.add_(m32, alpha=-lr)
-        if x32 is not x:
-            x.copy_(x32)
-    for a, new in zip(accs[1:], new_accs):
-        torch.amax(new, dim=0, out=a)
+            _plain_chunk(chunk, hyper, maxima, eps_folded=bool(shift))
+    maxima.finish()
     if shift:
         torch._foreach_sub_(accs, shift)
+
+
+class _Chunk(NamedTuple):
+    """Rows ``start:stop`` of a parameter of rank >= 2, as ``_dense_step`` hands them on."""
+
+    x: Tensor  # the parameter's rows (the parameter's dtype)
+    g: Tensor  # the gradient's rows, in the statistics dtype
+    nu: Tensor  # workspace holding min_r a_r over these rows (+ eps when folded)
+    m: Optional[Tensor]  # the momentum buffer's rows, or None
+    start: int
+    stop: int
+    shares: int  # the threads' shares that the rows divide into (1 when they do not divide)
+
+
+class _Maxima:
+    """The new accumulators a_r[j] = max {nu : i_r = j}, gathered chunk by chunk.
+
+    a_1 of a chunk's rows is final once the chunk is done. The maxima of a_2..a_k are kept
+    per thread's share (the rows of ``partial``) and reduced after the sweep, so that each
+    thread reads the rows it just wrote from its own core's cache: reading columns across
+    shares measured ~15% slower."""
+
+    def __init__(self, accs: list[Tensor], threads: int, plan: _Plan):
+        self.accs = accs
+        self.plan = plan
+        self.partial = [torch.zeros(threads, a.numel(), dtype=a.dtype, device=a.device) for a in accs[1:]]
+
+    def add(self, c: _Chunk) -> None:
+        # The chunk's rows of a_1 were read into nu before this, so they may be overwritten.
+        torch.amax(c.nu, dim=self.plan.row_dims, out=self.accs[0][c.start:c.stop])
+        nu_shares = c.nu.view(c.shares, -1, *c.nu.shape[1:])
+        for new, dims in zip(self.partial, self.plan.share_dims):
+            torch.maximum(new[:c.shares], torch.amax(nu_shares, dim=dims), out=new[:c.shares])
+
+    def finish(self) -> None:
+        for a, new in zip(self.accs[1:], self.partial):
+            torch.amax(new, dim=0, out=a)
+
+
+def _adagrad_kernel_chunk(c: _Chunk, hyper: Hyperparams, maxima: _Maxima) -> None:
+    """beta = 0 on CPU: torch's own fused Adagrad kernel (a built-in op, no compiler) does
+    nu += g^2 and x -= lr * g / sqrt(nu) in one pass over memory, where addcmul, sqrt and
+    addcdiv took three (the whole step measured ~25% faster)."""
+    lr, momentum = hyper.lr, hyper.momentum
+    decay = 1.0 - lr * hyper.weight_decay
+    if decay != 1.0:
+        c.x.mul_(decay)
+    # eps is already folded into nu, so it runs with eps = 0 (Adagrad adds its eps after the
+    # square root). With momentum it updates the buffer instead, with step size -(1 - momentum).
+    target, step_size = (c.x, lr) if c.m is None else (c.m.mul_(momentum), momentum - 1.0)
+    _fused_adagrad_([target], [c.g], [c.nu], [_ONE], lr=step_size, lr_decay=0.0, weight_decay=0.0,
+                    eps=0.0, maximize=hyper.maximize)
+    if c.m is not None:
+        c.x.add_(target, alpha=-lr)
+    maxima.add(c)
+
+
+def _plain_chunk(c: _Chunk, hyper: Hyperparams, maxima: _Maxima, eps_folded: bool) -> None:
+    """Any beta, device and dtype: nu, the maxima, then the update, one torch op at a time."""
+    lr, momentum, beta = hyper.lr, hyper.momentum, hyper.beta
+    decay = 1.0 - lr * hyper.weight_decay
+    direction = -1.0 if hyper.maximize else 1.0  # maximize: ascend, as if g were -g
+    nu, g = c.nu, c.g
+    if beta:
+        nu.mul_(beta).addcmul_(g, g, value=1.0 - beta)
+    else:
+        nu.addcmul_(g, g)
+    maxima.add(c)
+    if not eps_folded:
+        nu.add_(hyper.eps)
+    # sqrt, then divide inside addcdiv: rsqrt (a square root and a divide) and a multiply
+    # measured ~2x slower on CPU for the same numbers up to rounding.
+    root = nu.sqrt_()
+    dtype = nu.dtype
+    x32 = c.x if c.x.dtype == dtype else c.x.to(dtype)
+    if decay != 1.0:
+        x32.mul_(decay)
+    if c.m is None:
+        x32.addcdiv_(g, root, value=-direction * lr)
+    else:
+        m32 = c.m if c.m.dtype == dtype else c.m.to(dtype)
+        m32.mul_(momentum).addcdiv_(g, root, value=direction * (1.0 - momentum))
+        if m32 is not c.m:
+            c.m.copy_(m32)
+        x32.add_(m32, alpha=-lr)
+    if x32 is not c.x:
+        c.x.copy_(x32)
 
 
 def _sparse_step(p: Tensor, grad: Tensor, acc: Tensor, hyper: Hyperparams) -> None:

@@ -11,8 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from hydra import compose as hydra_compose
-from hydra import initialize_config_dir
 
 from trainer import config
 
@@ -49,11 +47,7 @@ def tiny_lm(cache_dir) -> list[str]:
 @pytest.fixture(scope="session")
 def compose():
     """``compose(overrides, hydra_config=False)``: conf/config.yaml with overrides, as train.py sees it."""
-    def compose(overrides=(), hydra_config: bool = False):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
-
-    return compose
+    return config.compose
 
 
 class TrainCLI:

@@ -13,9 +13,10 @@ from hypothesis import strategies as st
 from omegaconf import OmegaConf
 
 from data import Batch, DataConfig, DataError, LMDataConfig, load_lm_data, load_translation_data
+from data.builtin import write_builtin_jsonl
 from data.corpus import read_local_corpus
 from data.synthetic import (english_number, english_ordinal_suffix, english_ordinal_words,
-                            french_number, generate_pairs, generate_splits, write_builtin_jsonl)
+                            french_number, generate_pairs, generate_splits)
 from tests.helpers_data import (count_tokenizer_trainings, fake_hub, local_lm_config,
                                 local_translation_config, write_text)
 

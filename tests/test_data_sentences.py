@@ -7,7 +7,7 @@ import re
 
 from data import DataConfig, load_translation_data
 from data.sentences import _ADJECTIVES, _NOUNS, HELD_OUT, _elide, generate_splits, sample_pair
-from data.synthetic import write_builtin_jsonl
+from data.builtin import write_builtin_jsonl
 
 
 def _uses_held_out(source: str) -> bool:

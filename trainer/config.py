@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
+from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -161,6 +162,19 @@ def register() -> None:
                         ("data", DataConfig), ("logger", LoggerConfig), ("trainer", TrainerConfig)]:
         cs.store(group=group, name=f"{group}_schema", node=node)
     cs.store(group="data", name="lm_data_schema", node=LMDataConfig)
+
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose(overrides=(), hydra_config: bool = False):
+    """conf/config.yaml with ``overrides``, as train.py sees it (outside a Hydra app: scripts, tests);
+    ``hydra_config`` adds the ``hydra`` node (launcher, sweeper)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    register()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
 # --- checks at start, beyond types: unknown keys (also those added with `+`) and value ranges ---------

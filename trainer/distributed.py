@@ -11,6 +11,7 @@ import os
 import torch
 import torch.distributed as dist
 
+from sm3._sharding import is_dtensor  # noqa: F401  the one DTensor test, shared with the optimizer
 from trainer.errors import ConfigError
 
 
@@ -37,6 +38,16 @@ def slurm_to_torchrun_environment() -> None:
     TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
 
 
+def rank() -> int:
+    """This process's rank: the process group's, or torchrun's RANK before the group exists (0 alone)."""
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
+def is_main_process() -> bool:
+    """Rank 0: the one process that writes a run's shared files."""
+    return rank() == 0
+
+
 def init_distributed(device: torch.device, fsdp: bool = False) -> tuple[int, int]:
     """(rank, world size): torchrun (or SLURM, see above) sets WORLD_SIZE; NCCL (and gloo) on CUDA, gloo on CPU.
     FSDP needs a process group even for a single torchrun process."""
@@ -49,7 +60,7 @@ def init_distributed(device: torch.device, fsdp: bool = False) -> tuple[int, int
             torch.cuda.set_device(device)
         # On GPUs NCCL carries the CUDA tensors, and gloo any CPU tensor (DCP's planning, a stray scalar).
         dist.init_process_group("cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo")
-    return (dist.get_rank(), world_size) if dist.is_initialized() else (0, 1)
+    return (rank(), world_size) if dist.is_initialized() else (0, 1)
 
 
 def shard_model(model: torch.nn.Module, device: torch.device, blocks, forward_methods=()) -> None:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 from typing import Callable, IO
 
+from data.files import write_then_rename
 from trainer.errors import ConfigError
 
 
@@ -39,16 +40,13 @@ def os_error_in(error: BaseException | None) -> OSError | None:
 
 
 def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """``write(file)`` into ``path.tmp``, fsync, rename over ``path``; on failure ``path`` is untouched."""
-    tmp = path.with_name(path.name + ".tmp")
+    """``write(file)`` into ``path.tmp``, fsync, rename over ``path``; on failure ``path`` is untouched
+    and a failed write is a StorageError. One writer per file here (rank 0, or each rank its own), so
+    the temporary name is fixed and a save killed midway leaves a ``.tmp`` the next save removes."""
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        # through this module's `open`, which the fault tests replace with a full disk
+        write_then_rename(path, write, path.with_name(path.name + ".tmp"), opener=open)
     except BaseException as error:
-        tmp.unlink(missing_ok=True)
         os_error = os_error_in(error)
         if os_error is not None:
             raise storage_error(path, os_error) from error

@@ -91,6 +91,13 @@ class Task:
     fsdp_forward_methods: tuple = ()
 
 
+def decode_length(source_length: int, cap: int | None = None) -> int:
+    """The most tokens a translation of a ``source_length``-token source (eos included) may take:
+    1.5 times the source plus 10, at most ``cap`` (``trainer.eval_max_len`` in evaluation)."""
+    length = int(1.5 * source_length) + 10
+    return length if cap is None else min(cap, length)
+
+
 class TranslationTask(Task):
     metric, metric_label, higher_is_better = "bleu", "BLEU", True
     fsdp_forward_methods = ("generate",)  # decoding calls encode/decode, not forward
@@ -104,7 +111,7 @@ class TranslationTask(Task):
     def _eval_batch(self, model, batch, split, outputs):
         _, nll = model.loss(batch.src, batch.tgt_in, batch.tgt_out)
         trainer = self.cfg.trainer
-        max_len = min(trainer.eval_max_len, int(1.5 * batch.src.shape[1]) + 10)
+        max_len = decode_length(batch.src.shape[1], trainer.eval_max_len)
         ids = model.generate(batch.src, self.tokenizer.bos_id, self.tokenizer.eos_id, max_len,
                              trainer.beam_size, trainer.length_penalty)
         outputs += [(self.tokenizer.decode(h), self.data.targets[split][i]) for h, i in zip(ids, batch.indices)]
