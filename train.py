@@ -19,6 +19,7 @@ The parts live in `trainer/` (see its __init__); this file builds a run from the
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -274,13 +275,26 @@ def pace_report(cfg, step: int, seconds_per_step: float, started: float) -> str:
             "a smaller model, such as model=transformer_tiny on a CPU, fits the budget)")
 
 
+def clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))  # 0:09:48
+
+
+def progress_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_second: float,
+                  elapsed: float, seconds_per_step: float) -> str:
+    """The bar's numbers as one line, for logs: a bar redrawn in a file is unreadable, and none looks frozen."""
+    return (f"step {step}/{max_steps} | loss {loss:.3f} | lr {lr:.3g} | {tokens_per_second:,.0f} tok/s | "
+            f"elapsed {clock(elapsed)} | eta {clock((max_steps - step) * seconds_per_step)}")
+
+
 def train_loop(run: Run, preemption: Preemption, started: float) -> None:
     """Steps until trainer.max_steps (or max_minutes, or a signal)."""
     trainer, state = run.cfg.trainer, run.state
     batches, bad_in_a_row, first_step, paced_from = TrainBatches(run), 0, state.step, 0.0
-    window_tokens, window_seconds = 0, 0.0
+    window_tokens, window_seconds, resumed_seconds = 0, 0.0, state.train_seconds
+    # A bar on a terminal (trainer.progress); elsewhere, or with progress off, a line per trainer.log_interval.
+    show_bar = trainer.progress and sys.stderr.isatty()
     with tqdm(total=trainer.max_steps, initial=state.step, dynamic_ncols=True,
-              disable=not (run.is_main and trainer.progress and sys.stderr.isatty())) as bar:
+              disable=not (run.is_main and show_bar)) as bar:
         while state.step < trainer.max_steps:
             step_start = time.time()
             result = train_step(run, batches, stop_requests(run, preemption, started))
@@ -306,6 +320,10 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> None:
                 window_tokens, window_seconds = 0, 0.0
                 lr = run.optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens_per_second:.0f}")
+                if run.is_main and not show_bar:
+                    seconds_per_step = (state.train_seconds - resumed_seconds) / (state.step - first_step)
+                    print(progress_line(state.step, trainer.max_steps, result.loss, lr, tokens_per_second,
+                                        time.time() - started, seconds_per_step), flush=True)
                 run.log.log({"step": state.step, "loss": result.loss, "lr": lr,
                              "tokens_per_second": tokens_per_second, "epoch": state.epoch,
                              "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds})

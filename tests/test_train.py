@@ -3,6 +3,7 @@ modelling), resume, schedules, models."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -233,6 +234,30 @@ def test_the_run_says_early_what_its_time_budget_buys(compose):
     assert "all trainer.max_steps=2000 fit" in pace_report(cfg, 11, 0.07, started=time.time())
     cfg.trainer.max_minutes = None
     assert "the remaining 1989 steps take ~2.3 min" in pace_report(cfg, 11, 0.07, started=time.time())
+
+
+def test_progress_line_reads_like_fairseqs():
+    from train import progress_line
+
+    assert progress_line(40, 2000, 5.1234, 0.01234, 9812.4, 12.2, 0.3) == \
+        "step 40/2000 | loss 5.123 | lr 0.0123 | 9,812 tok/s | elapsed 0:00:12 | eta 0:09:48"
+
+
+@pytest.mark.slow
+def test_a_run_logged_to_a_file_shows_its_progress(tmp_path, tiny, train_cli):
+    # SLURM, nohup, `> log`: no terminal, so no bar; a line every trainer.log_interval steps instead.
+    log = tmp_path / "log"
+    args = [*tiny, "trainer.progress=true", "trainer.log_interval=2", "trainer.max_steps=4",
+            "trainer.eval_interval=1000", f"hydra.run.dir={tmp_path / 'run'}"]
+    with open(log, "w") as out:
+        result = subprocess.run(train_cli.command(args), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                timeout=300)
+    text = log.read_text()
+    assert result.returncode == 0, text[-3000:]
+    line = re.compile(r"step (\d+)/4 \| loss \d+\.\d{3} \| lr \S+ \| [\d,]+ tok/s \| elapsed \d+:\d\d:\d\d \| "
+                      r"eta \d+:\d\d:\d\d")
+    assert [m.group(1) for m in map(line.fullmatch, text.splitlines()) if m] == ["2", "4"], text
+    assert "CUDA_HOME" not in text
 
 
 @pytest.mark.parametrize("amx, expected", [(True, torch.bfloat16), (False, torch.float32)])
