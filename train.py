@@ -45,7 +45,7 @@ from trainer import config
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.distributed import all_reduce, init_distributed, pick_device, shard_model, slurm_to_torchrun_environment
 from trainer.errors import ConfigError, Preempted, TrainingDiverged
-from trainer.files import RunDirLock, StorageError, os_error_in, storage_error
+from trainer.files import RunDirLock, StorageError, os_error_in, remove_new_run_dir, storage_error
 from trainer.optim import build_optimizer
 from trainer.preemption import Preemption
 from trainer.runlog import RunLog
@@ -438,7 +438,11 @@ def main(cfg: DictConfig) -> float:
         if multirun:
             return record_failure(run_dir, error)
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1 if isinstance(error, TrainingDiverged) else 2)
+        if isinstance(error, TrainingDiverged):
+            sys.exit(1)
+        if not isinstance(lock, contextlib.nullcontext):  # rank 0, the lock released
+            remove_new_run_dir(run_dir, HydraConfig.get().job.name)
+        sys.exit(2)
     except Exception as error:
         if multirun:
             return record_failure(run_dir, error)

@@ -141,6 +141,26 @@ def test_bad_values_through_the_cli_are_one_line_and_exit_2(tmp_path, train_cli,
     assert "Error executing job" not in result.stderr
 
 
+@pytest.mark.parametrize("override", ["optim.lr=-1", "trainer.max_steps=-5", "+optim.lrr=1"])
+def test_a_run_refused_at_start_leaves_no_run_directory(tmp_path, train_cli, one_line_error, override):
+    one_line_error(train_cli([override, "logger=none"], tmp_path, check=False))
+    assert not (tmp_path / "outputs").exists(), sorted(str(p) for p in (tmp_path / "outputs").rglob("*"))
+
+
+def test_a_bad_override_on_an_existing_run_directory_keeps_its_files(tmp_path, train_cli, one_line_error):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    earlier = {"metrics.jsonl": '{"step": 1}\n', "summary.json": "{}\n", "checkpoints/last.pt": "weights"}
+    for name, text in earlier.items():
+        (run_dir / name).write_text(text)
+    one_line_error(train_cli(["optim.lr=-1", "logger=none", f"hydra.run.dir={run_dir}"], tmp_path, check=False))
+    assert {name: (run_dir / name).read_text() for name in earlier} == earlier
+    existing = tmp_path / "existing"  # even empty, a directory made before this run is not this run's to remove
+    existing.mkdir()
+    one_line_error(train_cli(["optim.lr=-1", "logger=none", f"hydra.run.dir={existing}"], tmp_path, check=False))
+    assert existing.is_dir()
+
+
 def test_an_unwritable_run_directory_is_one_line(tmp_path, train_cli, one_line_error):
     (tmp_path / "file").write_text("not a directory")
     line = one_line_error(train_cli(["logger=none", f"hydra.run.dir={tmp_path / 'file' / 'run'}"], tmp_path,
