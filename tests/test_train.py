@@ -176,6 +176,15 @@ def test_bad_config_gives_a_clear_error(tmp_path, train_cli):
     assert result.returncode != 0 and "online" in result.stderr + result.stdout
 
 
+def test_help_is_ours_and_names_every_option(tmp_path, train_cli):
+    result = train_cli(["--help"], tmp_path)
+    assert result.stdout.startswith("train.py: train a Transformer with SM3") and "== Examples ==" in result.stdout
+    assert "powered by Hydra" not in result.stdout and "_schema" not in result.stdout  # the typed schemas are no choice
+    listed = set(re.findall(r"[a-z0-9_]+", result.stdout.split("== Config groups")[1].split("== Config,")[0]))
+    for group in ("model", "optim", "schedule", "data", "logger", "trainer", "hparams_search"):
+        assert {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")} <= listed, group
+
+
 def test_multirun_two_jobs(tmp_path, tiny, train_cli):
     sweep = tmp_path / "sweep"
     train_cli(["-m", "optim=sm3,adam", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}", *tiny], tmp_path)
