@@ -161,7 +161,7 @@ def test_bad_corpus_files_are_one_line_errors(tmp_path, run_train, one_line_erro
 def test_wandb_unreachable_runs_offline_resumes_same_run_and_rejects_other_model(tmp_path, run_train,
                                                                                   one_line_error):
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(HOME=str(tmp_path), WANDB_BASE_URL="http://127.0.0.1:9", WANDB_SILENT="true")
+    env.update(HOME=str(tmp_path), WANDB_BASE_URL="http://127.0.0.1:9")
     run_dir = tmp_path / "run"
     # checkpoint by wall clock only (every step here), keeping one step file
     args = ["logger=wandb", "logger.mode=online", "trainer.checkpoint_interval=1000", "trainer.checkpoint_minutes=0",
@@ -169,6 +169,10 @@ def test_wandb_unreachable_runs_offline_resumes_same_run_and_rejects_other_model
     first = run_train([*args, "trainer.max_steps=2"], env)
     assert first.returncode == 0, first.stdout + first.stderr
     assert "offline" in first.stdout
+    # W&B itself says nothing (no banner, no "Run history" / "Run summary" blocks); one line says where the run is
+    output = first.stdout + first.stderr
+    assert "Run history" not in output and "Run summary" not in output and "wandb:" not in output, output
+    assert len([line for line in first.stdout.splitlines() if line.startswith("W&B: offline run in ")]) == 1
     checkpoints = run_dir / "checkpoints"
     assert [p.name for p in step_files(checkpoints)] == ["step-000002.pt"]
     run_id = torch.load(checkpoints / "last.pt", weights_only=True)["progress"]["wandb_id"]
