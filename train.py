@@ -2,7 +2,7 @@
 
     python train.py optim=sm3 model=transformer          # the built-in data, offline
     python train.py model=transformer_lm_tiny data=builtin_lm   # language modelling, perplexity
-    python train.py -m optim=sm3,adam optim.lr=0.1,0.05  # a sweep, one directory per job
+    python train.py -m optim.lr=0.2,0.1,0.05 logger=none  # a sweep of SM3's lr, one directory per job
 
 Re-running the same command resumes from `<run dir>/checkpoints/last.pt` (or, if that is corrupt,
 the newest readable `step-NNNNNN.pt`); FSDP runs (`torchrun ... train.py trainer.parallel=fsdp`) from
