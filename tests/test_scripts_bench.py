@@ -74,6 +74,7 @@ def test_memory_table_orders_optimizers_as_the_paper():
     assert all(f"| {name} |" in text for name in memory_table.OPTIMIZERS)
 
 
+@pytest.mark.slow
 def test_bench_optim_tiny_end_to_end(tmp_path):
     from scripts import bench_optim
 
@@ -118,6 +119,7 @@ print(min(counts))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_keep_freed_memory_stops_refaulting_freed_blocks():
     def refaults(mode):
@@ -132,6 +134,7 @@ def test_keep_freed_memory_stops_refaulting_freed_blocks():
     assert refaults("keep") < 1000
 
 
+@pytest.mark.slow
 def test_bench_loop_measures_both_loops(tmp_path):
     out = tmp_path / "loop.md"
     result = subprocess.run(

@@ -110,6 +110,7 @@ def test_model_loss_and_decoding_shapes(pre_norm):
 
 # --- the real command line ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_end_to_end_run_directory_and_exact_resume(tmp_path, tiny, train_cli, metrics):
     common = tiny + ["trainer.eval_interval=4"]
     straight = tmp_path / "straight"
@@ -163,6 +164,7 @@ def test_end_to_end_run_directory_and_exact_resume(tmp_path, tiny, train_cli, me
     assert json.loads((resumed / "summary.json").read_text())["train_seconds"] >= seconds[-1]
 
 
+@pytest.mark.slow
 def test_bad_config_gives_a_clear_error(tmp_path, train_cli):
     result = train_cli(["trainer.max_stesp=5"], tmp_path, check=False)
     assert result.returncode == 2 and "max_stesp" in result.stderr + result.stdout
@@ -176,6 +178,7 @@ def test_bad_config_gives_a_clear_error(tmp_path, train_cli):
     assert result.returncode != 0 and "online" in result.stderr + result.stdout
 
 
+@pytest.mark.slow
 def test_help_is_ours_and_names_every_option(tmp_path, train_cli):
     result = train_cli(["--help"], tmp_path)
     assert result.stdout.startswith("train.py: train a Transformer with SM3") and "== Examples ==" in result.stdout
@@ -185,6 +188,7 @@ def test_help_is_ours_and_names_every_option(tmp_path, train_cli):
         assert {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")} <= listed, group
 
 
+@pytest.mark.slow
 def test_multirun_two_jobs(tmp_path, tiny, train_cli):
     sweep = tmp_path / "sweep"
     train_cli(["-m", "optim=sm3,adam", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}", *tiny], tmp_path)
@@ -195,6 +199,7 @@ def test_multirun_two_jobs(tmp_path, tiny, train_cli):
 
 # --- language modelling through the same command line ---------------------------------------
 
+@pytest.mark.slow
 def test_lm_end_to_end_perplexity_and_exact_resume(tmp_path, tiny_lm, train_cli, metrics):
     common = tiny_lm
     straight = tmp_path / "straight"
@@ -217,6 +222,7 @@ def test_lm_end_to_end_perplexity_and_exact_resume(tmp_path, tiny_lm, train_cli,
     assert metrics(resumed, "loss") == metrics(straight, "loss")
 
 
+@pytest.mark.slow
 def test_lm_learns_on_builtin_data(tmp_path, tiny_lm, train_cli, metrics):
     run = tmp_path / "run"
     train_cli(tiny_lm + ["trainer.max_steps=40", "trainer.eval_interval=1000",
@@ -227,6 +233,7 @@ def test_lm_learns_on_builtin_data(tmp_path, tiny_lm, train_cli, metrics):
 
 @pytest.mark.parametrize("args,needs", [(["model=transformer_lm_tiny", "data=builtin"], "language-modelling"),
                                         (["model=transformer_tiny", "data=builtin_lm"], "translation")])
+@pytest.mark.slow
 def test_model_and_data_kinds_must_match(tmp_path, args, needs, train_cli):
     result = train_cli(args + ["logger=none"], tmp_path, check=False)
     assert result.returncode == 2 and needs in result.stderr and "Traceback" not in result.stderr
