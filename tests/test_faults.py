@@ -134,6 +134,17 @@ def test_out_of_range_values_and_unknown_keys_are_refused(compose, override, nam
     config.validate(compose([]))  # the defaults pass
 
 
+def test_every_checked_range_is_a_key_of_a_schema():
+    # validate() skips a key it cannot find (OmegaConf.select gives None): a misspelt RANGES key checks nothing
+    import dataclasses
+
+    schemas = {"model": [config.ModelConfig], "optim": [config.OptimConfig], "schedule": [config.ScheduleConfig],
+               "data": [config.DataConfig, config.LMDataConfig], "trainer": [config.TrainerConfig]}
+    for key in config.RANGES:
+        group, name = key.split(".")
+        assert any(name in {f.name for f in dataclasses.fields(schema)} for schema in schemas[group]), key
+
+
 @pytest.mark.slow
 def test_bad_values_through_the_cli_are_one_line_and_exit_2(tmp_path, train_cli, one_line_error):
     result = train_cli(["+optim.lrr=0.1", "trainer.grad_accum=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
