@@ -2,7 +2,7 @@
 
     python train.py optim=sm3 model=transformer          # the built-in data, offline
     python train.py model=transformer_lm_tiny data=builtin_lm   # language modelling, perplexity
-    python train.py -m optim=sm3,adam optim.lr=0.1,0.05  # a sweep, one directory per job
+    python train.py -m optim.lr=0.2,0.1,0.05 logger=none  # a sweep of SM3's lr, one directory per job
 
 Re-running the same command resumes from `<run dir>/checkpoints/last.pt` (or, if that is corrupt,
 the newest readable `step-NNNNNN.pt`); FSDP runs (`torchrun ... train.py trainer.parallel=fsdp`) from
@@ -19,6 +19,7 @@ The parts live in `trainer/` (see its __init__); this file builds a run from the
 from __future__ import annotations
 
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -44,7 +45,7 @@ from trainer import config
 from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.distributed import all_reduce, init_distributed, pick_device, shard_model, slurm_to_torchrun_environment
 from trainer.errors import ConfigError, Preempted, TrainingDiverged
-from trainer.files import RunDirLock, StorageError, os_error_in, storage_error
+from trainer.files import RunDirLock, StorageError, os_error_in, remove_new_run_dir, storage_error
 from trainer.machine import cpu_description
 from trainer.optim import build_optimizer
 from trainer.preemption import Preemption
@@ -276,13 +277,26 @@ def pace_report(cfg, step: int, seconds_per_step: float, started: float) -> str:
             "a smaller model, such as model=transformer_tiny on a CPU, fits the budget)")
 
 
+def clock(seconds: float) -> str:
+    return str(datetime.timedelta(seconds=round(seconds)))  # 0:09:48
+
+
+def progress_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_second: float,
+                  elapsed: float, seconds_per_step: float) -> str:
+    """The bar's numbers as one line, for logs: a bar redrawn in a file is unreadable, and none looks frozen."""
+    return (f"step {step}/{max_steps} | loss {loss:.3f} | lr {lr:.3g} | {tokens_per_second:,.0f} tok/s | "
+            f"elapsed {clock(elapsed)} | eta {clock((max_steps - step) * seconds_per_step)}")
+
+
 def train_loop(run: Run, preemption: Preemption, started: float) -> None:
     """Steps until trainer.max_steps (or max_minutes, or a signal)."""
     trainer, state = run.cfg.trainer, run.state
     batches, bad_in_a_row, first_step, paced_from = TrainBatches(run), 0, state.step, 0.0
-    window_tokens, window_seconds = 0, 0.0
+    window_tokens, window_seconds, resumed_seconds = 0, 0.0, state.train_seconds
+    # A bar on a terminal (trainer.progress); elsewhere, or with progress off, a line per trainer.log_interval.
+    show_bar = trainer.progress and sys.stderr.isatty()
     with tqdm(total=trainer.max_steps, initial=state.step, dynamic_ncols=True,
-              disable=not (run.is_main and trainer.progress and sys.stderr.isatty())) as bar:
+              disable=not (run.is_main and show_bar)) as bar:
         while state.step < trainer.max_steps:
             step_start = time.time()
             result = train_step(run, batches, stop_requests(run, preemption, started))
@@ -308,6 +322,10 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> None:
                 window_tokens, window_seconds = 0, 0.0
                 lr = run.optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{result.loss:.3f}", lr=f"{lr:.3g}", tok_s=f"{tokens_per_second:.0f}")
+                if run.is_main and not show_bar:
+                    seconds_per_step = (state.train_seconds - resumed_seconds) / (state.step - first_step)
+                    print(progress_line(state.step, trainer.max_steps, result.loss, lr, tokens_per_second,
+                                        time.time() - started, seconds_per_step), flush=True)
                 run.log.log({"step": state.step, "loss": result.loss, "lr": lr,
                              "tokens_per_second": tokens_per_second, "epoch": state.epoch,
                              "skipped_steps": state.skipped_steps, "train_seconds": state.train_seconds})
@@ -422,7 +440,11 @@ def main(cfg: DictConfig) -> float:
         if multirun:
             return record_failure(run_dir, error)
         print(f"error: {error}", file=sys.stderr)
-        sys.exit(1 if isinstance(error, TrainingDiverged) else 2)
+        if isinstance(error, TrainingDiverged):
+            sys.exit(1)
+        if not isinstance(lock, contextlib.nullcontext):  # rank 0, the lock released
+            remove_new_run_dir(run_dir, HydraConfig.get().job.name)
+        sys.exit(2)
     except Exception as error:
         if multirun:
             return record_failure(run_dir, error)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import logging
 import os
 import platform
 import sys
@@ -62,10 +63,29 @@ def _extension_name(source: bytes, flags: list[str]) -> str:
     return f"sm3_fused_cpu_{_cpu_tag()}_{hashlib.sha1(key).hexdigest()[:10]}"
 
 
+class _NoCudaNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+def _cpp_extension():
+    """``torch.utils.cpp_extension``, imported without its "No CUDA runtime is found, using CUDA_HOME=..."
+    warning: the CPU kernel needs no CUDA, and on a CPU-only machine that line read like an error on every
+    run. Only that record is dropped; compiler errors are raised by ``load``, not logged here."""
+    if "torch.utils.cpp_extension" not in sys.modules:
+        log, notice = logging.getLogger("torch.utils.cpp_extension"), _NoCudaNotice()
+        log.addFilter(notice)
+        try:
+            import torch.utils.cpp_extension  # noqa: F401
+        finally:
+            log.removeFilter(notice)
+    return sys.modules["torch.utils.cpp_extension"]
+
+
 def _import_built(name: str):
     """The extension ``name`` if it is already built, imported without asking the compiler
     (``load`` would check, and rebuild, against this copy's paths), else None."""
-    from torch.utils import cpp_extension
+    cpp_extension = _cpp_extension()
 
     library = Path(cpp_extension._get_build_directory(name, False)) / f"{name}{cpp_extension.LIB_EXT}"
     if not library.exists():
@@ -86,7 +106,7 @@ def native_extension():
         try:
             if os.environ.get("SM3_DISABLE_NATIVE"):
                 raise RuntimeError("SM3_DISABLE_NATIVE is set")
-            from torch.utils import cpp_extension
+            cpp_extension = _cpp_extension()
 
             source, flags = _CSRC / "sm3_fused.cpp", _flags()
             name = _extension_name(source.read_bytes(), flags)

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from scripts.compare import compare, split_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,6 +17,7 @@ def test_split_overrides_keeps_bracketed_values_whole():
         "optim=adam", "optim.betas=[0.9,0.98]", "x='a,b'"]
 
 
+@pytest.mark.slow
 def test_compare_a_real_multirun_with_a_failed_job(tmp_path, tiny, train_cli):
     sweep = tmp_path / "sweep"
     train_cli(["-m", "optim=sm3,adam", *tiny, "trainer.max_steps=4", "trainer.eval_interval=2",

@@ -16,6 +16,7 @@ COMMON = ["model=transformer_tiny", "model.dropout=0.0", "logger=none", "trainer
           "trainer.eval_interval=100", "schedule.warmup_steps=2"]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path, cache_dir, train_cli, metrics):
     common, single, double = [*COMMON, f"data.cache_dir={cache_dir}"], tmp_path / "single", tmp_path / "ddp"
     train_cli([*common, "trainer.grad_accum=2", f"hydra.run.dir={single}"], tmp_path)

@@ -95,6 +95,7 @@ def test_plugin_configs(path, compose):
         assert cfg.hydra.launcher.gpus_per_node == 1
 
 
+@pytest.mark.slow
 def test_cpu_experiments_run_through_the_cli(tmp_path, cache_dir, train_cli):
     """All CPU counterparts (translation and language modelling) as one multirun of two steps each, then compared."""
     sweep = tmp_path / "sweep"

@@ -97,6 +97,7 @@ def test_full_disk_while_logging_leaves_no_torn_line_and_no_partial_file(tmp_pat
 
 # --- the run directory lock --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_second_process_on_a_run_directory_is_refused_and_a_killed_holder_never_blocks(tmp_path, tiny, train_cli,
                                                                                          one_line_error):
     run_dir = tmp_path / "run"
@@ -133,6 +134,18 @@ def test_out_of_range_values_and_unknown_keys_are_refused(compose, override, nam
     config.validate(compose([]))  # the defaults pass
 
 
+def test_every_checked_range_is_a_key_of_a_schema():
+    # validate() skips a key it cannot find (OmegaConf.select gives None): a misspelt RANGES key checks nothing
+    import dataclasses
+
+    schemas = {"model": [config.ModelConfig], "optim": [config.OptimConfig], "schedule": [config.ScheduleConfig],
+               "data": [config.DataConfig, config.LMDataConfig], "trainer": [config.TrainerConfig]}
+    for key in config.RANGES:
+        group, name = key.split(".")
+        assert any(name in {f.name for f in dataclasses.fields(schema)} for schema in schemas[group]), key
+
+
+@pytest.mark.slow
 def test_bad_values_through_the_cli_are_one_line_and_exit_2(tmp_path, train_cli, one_line_error):
     result = train_cli(["+optim.lrr=0.1", "trainer.grad_accum=0", "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
                        tmp_path, check=False)
@@ -141,6 +154,29 @@ def test_bad_values_through_the_cli_are_one_line_and_exit_2(tmp_path, train_cli,
     assert "Error executing job" not in result.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("override", ["optim.lr=-1", "trainer.max_steps=-5", "+optim.lrr=1"])
+def test_a_run_refused_at_start_leaves_no_run_directory(tmp_path, train_cli, one_line_error, override):
+    one_line_error(train_cli([override, "logger=none"], tmp_path, check=False))
+    assert not (tmp_path / "outputs").exists(), sorted(str(p) for p in (tmp_path / "outputs").rglob("*"))
+
+
+@pytest.mark.slow
+def test_a_bad_override_on_an_existing_run_directory_keeps_its_files(tmp_path, train_cli, one_line_error):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    earlier = {"metrics.jsonl": '{"step": 1}\n', "summary.json": "{}\n", "checkpoints/last.pt": "weights"}
+    for name, text in earlier.items():
+        (run_dir / name).write_text(text)
+    one_line_error(train_cli(["optim.lr=-1", "logger=none", f"hydra.run.dir={run_dir}"], tmp_path, check=False))
+    assert {name: (run_dir / name).read_text() for name in earlier} == earlier
+    existing = tmp_path / "existing"  # even empty, a directory made before this run is not this run's to remove
+    existing.mkdir()
+    one_line_error(train_cli(["optim.lr=-1", "logger=none", f"hydra.run.dir={existing}"], tmp_path, check=False))
+    assert existing.is_dir()
+
+
+@pytest.mark.slow
 def test_an_unwritable_run_directory_is_one_line(tmp_path, train_cli, one_line_error):
     (tmp_path / "file").write_text("not a directory")
     line = one_line_error(train_cli(["logger=none", f"hydra.run.dir={tmp_path / 'file' / 'run'}"], tmp_path,
@@ -158,6 +194,7 @@ def test_an_unwritable_run_directory_is_one_line(tmp_path, train_cli, one_line_e
         subprocess.run(["umount", str(read_only)], check=True)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_a_multirun_and_the_same_command_resumes_then_skips(tmp_path, tiny, train_cli, metrics,
                                                                            wait_for):
     sweep = tmp_path / "sweep"
@@ -184,6 +221,7 @@ def test_sigterm_stops_a_multirun_and_the_same_command_resumes_then_skips(tmp_pa
     assert {job: (sweep / job / "metrics.jsonl").read_bytes() for job in logs} == logs
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounting a small tmpfs needs root")
 def test_a_real_full_disk_then_freed_space_resumes(tmp_path, tiny, train_cli, one_line_error):
     small = tmp_path / "small"

@@ -50,6 +50,7 @@ def runs(tmp_path_factory, cache_dir, train_cli):
     return out
 
 
+@pytest.mark.slow
 def test_two_fsdp_processes_match_one_with_the_same_global_batch(runs, metrics):
     one, two = metrics(runs["single"], "loss"), metrics(runs["straight"], "loss")
     assert len(one) == len(two) == 4
@@ -69,6 +70,7 @@ def test_two_fsdp_processes_match_one_with_the_same_global_batch(runs, metrics):
         ".metadata", "__0_0.distcp", "__1_0.distcp", "state.pt", "rng-0.pt", "rng-1.pt"}
 
 
+@pytest.mark.slow
 def test_fsdp_resume_is_exact_and_reshards_to_another_world_size(runs, metrics):
     straight = metrics(runs["straight"], "loss")
     summary = {name: json.loads((runs[name] / "summary.json").read_text()) for name in ("straight", "resharded")}
@@ -81,6 +83,7 @@ def test_fsdp_resume_is_exact_and_reshards_to_another_world_size(runs, metrics):
                                                                        rel=1e-5)
 
 
+@pytest.mark.slow
 def test_fsdp_without_torchrun_is_a_one_line_error(tmp_path, train_cli, one_line_error):
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "SLURM_NTASKS")}
     result = train_cli([*COMMON, "trainer.parallel=fsdp", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, env=env,

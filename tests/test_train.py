@@ -3,12 +3,12 @@ modelling), resume, schedules, models."""
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import sacrebleu
 import torch
 from omegaconf import OmegaConf
 
@@ -72,24 +72,6 @@ def test_schedule_shapes(compose):
     assert lrs[95] == pytest.approx(1.0) and lrs[-1] > 0
 
 
-def test_bleu_of_known_pair():
-    assert sacrebleu.corpus_bleu(["le 3 mars 2021"], [["le 3 mars 2021"]]).score == pytest.approx(100)
-    assert sacrebleu.corpus_bleu(["trois cent"], [["quarante-deux"]]).score == 0
-
-
-def test_averaging_is_an_ema_of_parameters():
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    model = torch.nn.Linear(2, 1)
-    averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
-    first = model.weight.detach().clone()
-    averaged.update_parameters(model)
-    with torch.no_grad():
-        model.weight.add_(1.0)
-    averaged.update_parameters(model)
-    torch.testing.assert_close(averaged.module.weight, first + 0.1)
-
-
 @pytest.mark.parametrize("pre_norm", [True, False])
 def test_model_loss_and_decoding_shapes(pre_norm):
     torch.manual_seed(0)
@@ -109,6 +91,7 @@ def test_model_loss_and_decoding_shapes(pre_norm):
 
 # --- the real command line ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_end_to_end_run_directory_and_exact_resume(tmp_path, tiny, train_cli, metrics):
     common = tiny + ["trainer.eval_interval=4"]
     straight = tmp_path / "straight"
@@ -162,6 +145,7 @@ def test_end_to_end_run_directory_and_exact_resume(tmp_path, tiny, train_cli, me
     assert json.loads((resumed / "summary.json").read_text())["train_seconds"] >= seconds[-1]
 
 
+@pytest.mark.slow
 def test_bad_config_gives_a_clear_error(tmp_path, train_cli):
     result = train_cli(["trainer.max_stesp=5"], tmp_path, check=False)
     assert result.returncode == 2 and "max_stesp" in result.stderr + result.stdout
@@ -175,6 +159,17 @@ def test_bad_config_gives_a_clear_error(tmp_path, train_cli):
     assert result.returncode != 0 and "online" in result.stderr + result.stdout
 
 
+@pytest.mark.slow
+def test_help_is_ours_and_names_every_option(tmp_path, train_cli):
+    result = train_cli(["--help"], tmp_path)
+    assert result.stdout.startswith("train.py: train a Transformer with SM3") and "== Examples ==" in result.stdout
+    assert "powered by Hydra" not in result.stdout and "_schema" not in result.stdout  # the typed schemas are no choice
+    listed = set(re.findall(r"[a-z0-9_]+", result.stdout.split("== Config groups")[1].split("== Config,")[0]))
+    for group in ("model", "optim", "schedule", "data", "logger", "trainer", "hparams_search"):
+        assert {p.stem for p in (ROOT / "conf" / group).glob("*.yaml")} <= listed, group
+
+
+@pytest.mark.slow
 def test_multirun_two_jobs(tmp_path, tiny, train_cli):
     sweep = tmp_path / "sweep"
     train_cli(["-m", "optim=sm3,adam", "trainer.max_steps=2", f"hydra.sweep.dir={sweep}", *tiny], tmp_path)
@@ -185,6 +180,7 @@ def test_multirun_two_jobs(tmp_path, tiny, train_cli):
 
 # --- language modelling through the same command line ---------------------------------------
 
+@pytest.mark.slow
 def test_lm_end_to_end_perplexity_and_exact_resume(tmp_path, tiny_lm, train_cli, metrics):
     common = tiny_lm
     straight = tmp_path / "straight"
@@ -207,6 +203,7 @@ def test_lm_end_to_end_perplexity_and_exact_resume(tmp_path, tiny_lm, train_cli,
     assert metrics(resumed, "loss") == metrics(straight, "loss")
 
 
+@pytest.mark.slow
 def test_lm_learns_on_builtin_data(tmp_path, tiny_lm, train_cli, metrics):
     run = tmp_path / "run"
     train_cli(tiny_lm + ["trainer.max_steps=40", "trainer.eval_interval=1000",
@@ -217,6 +214,7 @@ def test_lm_learns_on_builtin_data(tmp_path, tiny_lm, train_cli, metrics):
 
 @pytest.mark.parametrize("args,needs", [(["model=transformer_lm_tiny", "data=builtin"], "language-modelling"),
                                         (["model=transformer_tiny", "data=builtin_lm"], "translation")])
+@pytest.mark.slow
 def test_model_and_data_kinds_must_match(tmp_path, args, needs, train_cli):
     result = train_cli(args + ["logger=none"], tmp_path, check=False)
     assert result.returncode == 2 and needs in result.stderr and "Traceback" not in result.stderr
@@ -233,6 +231,30 @@ def test_the_run_says_early_what_its_time_budget_buys(compose):
     assert "all trainer.max_steps=2000 fit" in pace_report(cfg, 11, 0.07, started=time.time())
     cfg.trainer.max_minutes = None
     assert "the remaining 1989 steps take ~2.3 min" in pace_report(cfg, 11, 0.07, started=time.time())
+
+
+def test_progress_line_reads_like_fairseqs():
+    from train import progress_line
+
+    assert progress_line(40, 2000, 5.1234, 0.01234, 9812.4, 12.2, 0.3) == \
+        "step 40/2000 | loss 5.123 | lr 0.0123 | 9,812 tok/s | elapsed 0:00:12 | eta 0:09:48"
+
+
+@pytest.mark.slow
+def test_a_run_logged_to_a_file_shows_its_progress(tmp_path, tiny, train_cli):
+    # SLURM, nohup, `> log`: no terminal, so no bar; a line every trainer.log_interval steps instead.
+    log = tmp_path / "log"
+    args = [*tiny, "trainer.progress=true", "trainer.log_interval=2", "trainer.max_steps=4",
+            "trainer.eval_interval=1000", f"hydra.run.dir={tmp_path / 'run'}"]
+    with open(log, "w") as out:
+        result = subprocess.run(train_cli.command(args), cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT,
+                                timeout=300)
+    text = log.read_text()
+    assert result.returncode == 0, text[-3000:]
+    line = re.compile(r"step (\d+)/4 \| loss \d+\.\d{3} \| lr \S+ \| [\d,]+ tok/s \| elapsed \d+:\d\d:\d\d \| "
+                      r"eta \d+:\d\d:\d\d")
+    assert [m.group(1) for m in map(line.fullmatch, text.splitlines()) if m] == ["2", "4"], text
+    assert "CUDA_HOME" not in text
 
 
 @pytest.mark.parametrize("amx, expected", [(True, torch.bfloat16), (False, torch.float32)])

@@ -141,7 +141,7 @@ class TrainerConfig:
     beam_size: int = 1
     length_penalty: float = 1.0
     eval_max_len: int = 256  # decoding stops at min(this, 1.5 * source length + 10)
-    progress: bool = True
+    progress: bool = True  # a bar on a terminal; false, or not a terminal: a line every log_interval steps
 
 
 @dataclass

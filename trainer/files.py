@@ -3,7 +3,8 @@
 Whole files are written to a temporary name, fsynced and renamed into place, and the temporary file
 is removed when the write fails; an appended line is taken back when it cannot be written whole. A
 failed write raises ``StorageError``, one line naming the file and what to do, and the last good
-copy stays. ``RunDirLock`` keeps a second process off a run directory in use.
+copy stays. ``RunDirLock`` keeps a second process off a run directory in use; ``NewRunDir`` notes whether
+a run directory is new, so that a run refused at start can take it away again.
 """
 
 from __future__ import annotations
@@ -11,8 +12,11 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, IO
+
+from hydra.experimental.callback import Callback
 
 from data.files import write_then_rename
 from trainer.errors import ConfigError
@@ -99,3 +103,37 @@ class RunDirLock:
         if self._fd is not None:
             os.close(self._fd)  # releases the lock
             self._fd = None
+
+
+class NewRunDir(Callback):
+    """A Hydra callback (``hydra.callbacks`` in conf/config.yaml): before Hydra creates the run directory,
+    notes the topmost folder of it that does not exist yet, which this invocation therefore creates."""
+
+    created: Path | None = None
+
+    def on_run_start(self, config, **kwargs) -> None:  # single runs only: a multirun job records failed.json
+        missing, path = None, Path(config.hydra.run.dir).absolute()
+        while not path.exists():
+            missing, path = path, path.parent
+        NewRunDir.created = missing
+
+
+def remove_new_run_dir(run_dir: Path, job_name: str) -> None:
+    """Take away ``run_dir`` (and the folders above it made with it) if this invocation created it and it holds
+    only what Hydra and the lock wrote there: a typo leaves nothing behind, and another run's files stay."""
+    run_dir, created = run_dir.absolute(), NewRunDir.created
+    if created is None or not run_dir.is_relative_to(created):
+        return
+    ours = {".hydra", ".lock", f"{job_name}.log"}
+    if not {p.name for p in run_dir.iterdir()} <= ours:
+        return
+    shutil.rmtree(run_dir / ".hydra", ignore_errors=True)
+    for name in ours - {".hydra"}:
+        (run_dir / name).unlink(missing_ok=True)
+    for path in [run_dir, *run_dir.parents]:
+        try:
+            path.rmdir()  # refuses a folder that is not empty
+        except OSError:
+            return
+        if path == created:
+            return

@@ -81,15 +81,20 @@ class RunLog:
         netrc = Path.home() / ".netrc"
         has_key = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
         if mode == "online" and not has_key:
-            print("W&B: no credentials (WANDB_API_KEY or `wandb login`); logging offline, sync later with `wandb sync`")
+            print("W&B: no credentials (WANDB_API_KEY or `wandb login`); logging offline")
             mode = "offline"
         kwargs = dict(project=logger.project, entity=logger.entity, dir=str(self.run_dir), id=run_id,
                       resume="allow", name=self.name, group=self.group,
                       config=OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True))
         for attempt in ([mode, "offline"] if mode == "online" else [mode]):
             try:
-                return wandb.init(mode=attempt, settings=wandb.Settings(init_timeout=60), **kwargs)
+                # silent: W&B's own banner and its ~30-line history and summary at the end say less than our line
+                run = wandb.init(mode=attempt, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
             except Exception as error:  # network, auth or service failure: never lose the run
                 print(f"W&B: {attempt} init failed ({type(error).__name__}: {error}); " +
                       ("retrying offline" if attempt == "online" else "continuing without W&B"))
+                continue
+            print(f"W&B: {run.url}" if attempt == "online" else
+                  f"W&B: offline run in {run.sync_dir} (upload it with `wandb sync`)")
+            return run
         return None

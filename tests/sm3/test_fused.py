@@ -222,6 +222,7 @@ _TRITON_CHECK = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_triton_kernel_under_the_interpreter(triton_interpreter):
     result = triton_interpreter(_TRITON_CHECK)
     assert result.returncode == 0 and "triton-ok" in result.stdout, result.stderr[-3000:]
@@ -260,6 +261,7 @@ _IMPORT_WITHOUT_COMPILER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_copies_of_the_source_share_one_build(tmp_path, run_python):
     # Another checkout, or an installed wheel, finds the kernel that this one built (at import,
     # for pytestmark): the build is keyed by the source's content, not by its path.
@@ -277,3 +279,14 @@ def test_copies_of_the_source_share_one_build(tmp_path, run_python):
         assert result.returncode == 0, result.stderr[-3000:]
         assert f"built: {built}" in result.stdout, result.stdout + result.stderr[-3000:]
     assert os.stat(built).st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+def test_the_cpu_kernel_says_nothing_about_cuda(run_python):
+    # torch.utils.cpp_extension logs "No CUDA runtime is found, using CUDA_HOME=..." when imported on a
+    # machine without CUDA: the CPU kernel needs none, so loading it must not print that.
+    result = run_python("import torch\nfrom sm3 import SM3, _fused\n"
+                        "p = torch.nn.Parameter(torch.ones(3, 4)); p.grad = torch.ones(3, 4)\n"
+                        "SM3([p], fused=True).step()\nassert _fused.native_available()\n")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "CUDA_HOME" not in result.stderr, result.stderr

@@ -10,6 +10,7 @@ import torch.distributed as dist
 from sm3 import SM3, _fused
 
 pytestmark = [
+    pytest.mark.slow,  # spawns two ranks
     pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed"),
     pytest.mark.skipif(not _fused.native_available(), reason="the CPU kernel did not build"),
 ]

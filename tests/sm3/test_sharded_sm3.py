@@ -9,7 +9,8 @@ import torch.distributed as dist
 from scripts.sharded_state import state_bytes_per_rank
 from sm3 import SM3, optimizer_state_bytes
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+pytestmark = [pytest.mark.slow,  # spawns two ranks
+              pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")]
 
 # Uneven rows (7 over 2 ranks), a single row (one rank holds none), 1-D, rank 3 and 4.
 SHAPES = [(7, 5), (1, 6), (5,), (3, 4, 2), (2, 3, 2, 2)]

@@ -5,6 +5,10 @@ dispatch of rank >= 3 parameters (the order of their accumulators) into the kern
 
 import textwrap
 
+import pytest
+
+pytestmark = pytest.mark.slow  # each test runs the Triton interpreter in a fresh interpreter (15-35 s here)
+
 _CHECK = textwrap.dedent(
     """
     import torch
