@@ -245,13 +245,15 @@ def betas(task: str) -> None:
 
 
 def long(task: str) -> None:
-    """HORIZON times the steps: each optimizer's tuned learning rate and 2x each side (seed 0), then each one's
-    best with seeds (every optimizer's first, so that a study stopped half-way has compared them all)."""
-    for optim in OPTIMIZERS:
-        tuned = best_overrides(task, optim)
-        lr = _lr(tuned)
-        launch(task, optim, _without(tuned, "optim.lr") + horizon(task) +
-               [_values("optim.lr", (lr / 2, lr, 2 * lr))], suffix="_long")
+    """HORIZON times the steps: each optimizer at its tuned learning rate (seed 0), then at 2x each side, then
+    each one's best with seeds; every optimizer's run of a phase before the next phase, so that a study stopped
+    half-way has compared them all."""
+    tuned = {optim: best_overrides(task, optim) for optim in OPTIMIZERS}
+    for factors in ((1,), (0.5, 2)):
+        for optim, overrides in tuned.items():
+            lr = _lr(overrides)
+            launch(task, optim, _without(overrides, "optim.lr") + horizon(task) +
+                   [_values("optim.lr", [lr * f for f in factors])], suffix="_long")
     for optim in OPTIMIZERS:
         best = best_job(task, optim, suffix="_long")
         if best is not None:
@@ -299,38 +301,39 @@ def equal_time(task: str = "mt") -> dict:
     return plan
 
 
-def timed(timings: dict, name: str, fn, *args) -> None:
+def timed(name: str, fn, *args) -> None:
+    """Run a phase and add its wall time to timings.json (read again first: two study processes may share it)."""
     start = time.time()
     fn(*args)
+    path = RUNS / "timings.json"
+    timings = json.loads(path.read_text()) if path.exists() else {}
     timings[name] = timings.get(name, 0.0) + time.time() - start
     RUNS.mkdir(parents=True, exist_ok=True)
-    (RUNS / "timings.json").write_text(json.dumps(timings, indent=2))
+    path.write_text(json.dumps(timings, indent=2))
 
 
 def run_study(tasks: list[str], parts: list[str]) -> None:
     """The parts in order of cost, the cheap ones first, so that a study stopped early has the most parts."""
-    path = RUNS / "timings.json"
-    timings = json.loads(path.read_text()) if path.exists() else {}
     if "tune" in parts:
         for task in tasks:
             for optim in OPTIMIZERS:
-                timed(timings, f"{task} tune {optim}", tune, task, optim)
-            timed(timings, f"{task} warm-up sm3", warmups, task)
+                timed(f"{task} tune {optim}", tune, task, optim)
+            timed(f"{task} warm-up sm3", warmups, task)
             for optim in OPTIMIZERS:
-                timed(timings, f"{task} seeds {optim}", seeds, task, optim)
+                timed(f"{task} seeds {optim}", seeds, task, optim)
             if task == "mt":
-                timed(timings, f"{task} equal memory", equal_memory, task)
+                timed(f"{task} equal memory", equal_memory, task)
             write_best(task)
     if "momentum" in parts and "mt" in tasks:
-        timed(timings, "mt momentum", momentum, "mt")
+        timed("mt momentum", momentum, "mt")
     if "lm" in tasks:
         for part, fn in (("long", long), ("beta", betas)):
             if part in parts:
-                timed(timings, f"lm {part}", fn, "lm")
+                timed(f"lm {part}", fn, "lm")
     if "mt" in tasks:
         for part, fn in (("beta", betas), ("equal-time", equal_time), ("long", long)):
             if part in parts:
-                timed(timings, f"mt {part}", fn, "mt")
+                timed(f"mt {part}", fn, "mt")
 
 
 def main() -> None:

@@ -87,13 +87,14 @@ BEST["mt"]["sm3"]["overrides"] += ["optim.momentum=0", "optim.beta=0"]
 
 
 def test_long_runs_each_optimizer_around_its_tuned_lr_then_seeds_the_best(tmp_path, monkeypatch):
-    """At 4x the steps the best learning rate moves up for Adam (1x -> 2x): its seeds run there; the learning-rate
-    checks of every optimizer come before any seeds."""
+    """At 4x the steps the best learning rate moves up for Adam (1x -> 2x): its seeds run there. Every
+    optimizer's tuned rate runs first, then every one's neighbours, then the seeds."""
     launched = _fake_train(monkeypatch, tmp_path, lambda lr, m, b, steps: 50 - abs(math.log2(lr / 0.008)), BEST)
     study.long("mt")
-    checks, seeded = launched[:4], launched[4:]
+    tuned, neighbours, seeded = launched[:4], launched[4:8], launched[8:]
     assert all("trainer.max_steps=2400" in o and "trainer.eval_test=true" in o for o in launched)
-    assert "optim.lr=0.002,0.004,0.008" in checks[0] and "optim.lr=0.025,0.05,0.1" in checks[3]
+    assert "optim.lr=0.004" in tuned[0] and "optim.lr=0.05" in tuned[3]
+    assert "optim.lr=0.002,0.008" in neighbours[0] and "optim.lr=0.025,0.1" in neighbours[3]
     assert len(seeded) == 4 and all("trainer.seed=1,2" in o for o in seeded)
     assert "optim.lr=0.008" in seeded[0]  # Adam's best moved to 2x its tuned rate
     from scripts.study_report import write_report
