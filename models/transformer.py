@@ -117,17 +117,18 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def generate(self, src: Tensor, bos_id: int, eos_id: int, max_len: int, beam_size: int = 1,
-                 length_penalty: float = 1.0) -> list[list[int]]:
-        """Greedy (beam_size 1) or beam search; returns token ids without bos/eos."""
+                 length_penalty: float = 1.0, use_cache: bool = True) -> list[list[int]]:
+        """Greedy (beam_size 1) or beam search; returns token ids without bos/eos. ``use_cache=False`` runs the
+        whole prefix through the decoder every step instead (the same tokens, slower: scripts/bench_eval.py)."""
         memory, mask = self.encode(src)
+        cache = self.new_cache() if use_cache else None
         if beam_size > 1:
-            return self._beam_search(memory, mask, bos_id, eos_id, max_len, beam_size, length_penalty)
+            return self._beam_search(memory, mask, bos_id, eos_id, max_len, beam_size, length_penalty, cache)
         batch = src.shape[0]
         tokens = torch.full((batch, 1), bos_id, dtype=torch.long, device=src.device)
         done = torch.zeros(batch, dtype=torch.bool, device=src.device)
-        cache = self.new_cache()
         for _ in range(max_len):
-            next_token = self.decode(tokens[:, -1:], memory, mask, cache)[:, -1].argmax(-1)
+            next_token = self._next_logits(tokens, memory, mask, cache).argmax(-1)
             next_token = next_token.masked_fill(done, self.pad_id)
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             done |= next_token == eos_id
@@ -135,16 +136,22 @@ class Transformer(nn.Module):
                 break
         return [_strip(row, eos_id, self.pad_id) for row in tokens[:, 1:].tolist()]
 
-    def _beam_search(self, memory, mask, bos_id, eos_id, max_len, beam, alpha) -> list[list[int]]:
+    def _next_logits(self, tokens: Tensor, memory: Tensor, mask: Tensor, cache: list[dict] | None) -> Tensor:
+        """Logits (B, vocab) of the position after ``tokens``: from the newest token and the cache, or without
+        one from the whole prefix."""
+        return (self.decode(tokens, memory, mask) if cache is None else
+                self.decode(tokens[:, -1:], memory, mask, cache))[:, -1]
+
+    def _beam_search(self, memory, mask, bos_id, eos_id, max_len, beam, alpha, cache=None) -> list[list[int]]:
+        """``cache``: empty (``new_cache``), filled from the beams' memory, or None to decode without one."""
         batch, device = memory.shape[0], memory.device
         memory, mask = memory.repeat_interleave(beam, 0), mask.repeat_interleave(beam, 0)
         tokens = torch.full((batch * beam, 1), bos_id, dtype=torch.long, device=device)
         scores = torch.zeros(batch, beam, device=device)
         scores[:, 1:] = -float("inf")  # all beams start identical: keep one alive
         finished = torch.zeros(batch * beam, dtype=torch.bool, device=device)
-        cache = self.new_cache()
         for step in range(max_len):
-            logp = self.decode(tokens[:, -1:], memory, mask, cache)[:, -1].float().log_softmax(-1)
+            logp = self._next_logits(tokens, memory, mask, cache).float().log_softmax(-1)
             vocab = logp.shape[-1]
             # A finished hypothesis only extends with pad, at no cost.
             logp[finished] = -float("inf")
@@ -154,7 +161,7 @@ class Transformer(nn.Module):
             origin = (flat // vocab) + torch.arange(batch, device=device)[:, None] * beam
             next_token = (flat % vocab).view(-1)
             tokens = torch.cat([tokens[origin.view(-1)], next_token[:, None]], dim=1)
-            for layer in cache:  # each surviving hypothesis keeps the keys and values of its own prefix
+            for layer in cache or []:  # each surviving hypothesis keeps the keys and values of its own prefix
                 layer["self"]["k"], layer["self"]["v"] = (layer["self"][kv][origin.view(-1)] for kv in "kv")
             finished = finished[origin.view(-1)] | (next_token == eos_id)
             if finished.all():

@@ -58,6 +58,7 @@ def test_generate_matches_decoding_without_a_cache(pre_norm):
     expected = _greedy_without_cache(model, src, bos=2, eos=3, max_len=12)
     assert model.generate(src, bos_id=2, eos_id=3, max_len=12) == expected
     assert model.generate(src, bos_id=2, eos_id=3, max_len=12, beam_size=1) == expected
+    assert model.generate(src, bos_id=2, eos_id=3, max_len=12, use_cache=False) == expected
     assert len({tuple(h) for h in expected}) == len(expected) and max(map(len, expected)) >= 6  # varied, long
 
 
@@ -93,5 +94,5 @@ def test_beam_search_reorders_the_cache_with_its_hypotheses(beam):
     with torch.no_grad():
         expected = _beam_without_cache(model, src, 2, 3, 12, beam, 1.0)
         got = model.generate(src, bos_id=2, eos_id=3, max_len=12, beam_size=beam)
-    assert got == expected
+    assert got == expected == model.generate(src, bos_id=2, eos_id=3, max_len=12, beam_size=beam, use_cache=False)
     assert got != model.generate(src, bos_id=2, eos_id=3, max_len=12)  # beams changed something here
