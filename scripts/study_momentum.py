@@ -44,14 +44,14 @@ def kind_of(name: str, p: torch.Tensor) -> str:
     return "attention" if "attn" in name else "feed-forward"
 
 
-def _setup(lr: float, momentum: float, warmup: float, fused=None, seed: int = 0):
+def _setup(lr: float, momentum: float, warmup: float, fused=None, seed: int = 0, overrides=()):
     from trainer.optim import build_optimizer
     from trainer.schedule import build_scheduler
     from trainer.tasks import build_task
 
     cfg = compose(["experiment=study/mt_sm3", f"optim.lr={lr}", f"optim.momentum={momentum}",
                    f"schedule.warmup_fraction={warmup}", f"trainer.seed={seed}",
-                   *([] if fused is None else [f"optim.fused={fused}"])])
+                   *([] if fused is None else [f"optim.fused={fused}"]), *overrides])
     torch.manual_seed(seed)
     torch.set_flush_denormal(cfg.trainer.flush_denormal)
     task = build_task(cfg, seed)
@@ -102,10 +102,11 @@ def _reference():
     return module.ReferenceSM3
 
 
-def paths(steps: int = PATH_STEPS, lr: float = 0.025, momentum: float = 0.9, warmup: float = 0.05) -> dict:
+def paths(steps: int = PATH_STEPS, lr: float = 0.025, momentum: float = 0.9, warmup: float = 0.05,
+          overrides=()) -> dict:
     """The fused kernel, the default (foreach) path and the float64 reference on one gradient stream."""
-    task, fused_model, fused_opt, fused_sched = _setup(lr, momentum, warmup, fused=True)
-    _, plain_model, plain_opt, plain_sched = _setup(lr, momentum, warmup, fused=False)
+    task, fused_model, fused_opt, fused_sched = _setup(lr, momentum, warmup, fused=True, overrides=overrides)
+    _, plain_model, plain_opt, plain_sched = _setup(lr, momentum, warmup, fused=False, overrides=overrides)
     plain_model.load_state_dict(fused_model.state_dict())
     reference = _reference()(lr=lr, momentum=momentum)
     ref_params = [p.detach().double().clone() for p in fused_model.parameters()]

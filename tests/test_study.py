@@ -164,3 +164,15 @@ def test_report_from_runs(tmp_path, monkeypatch):
         assert f"]({png})" in report and (tmp_path / "out" / png).stat().st_size > 10_000
     assert "The protocol" in report and "lm" not in [line[3:5] for line in report.splitlines()
                                                       if line.startswith("## ")]  # no LM runs, no LM section
+
+
+@pytest.mark.slow
+def test_momentum_paths_agree_on_the_study_models_gradients(cache_dir):
+    """The fused kernel, the default path and the float64 reference, fed one stream of the study model's own
+    gradients with momentum 0.9: the parameters agree to float32 rounding after 20 steps."""
+    from scripts.study_momentum import paths
+
+    result = paths(steps=20, overrides=[f"data.cache_dir={cache_dir}", "data.num_train=2000"])
+    assert result["parameters"] > 1_000_000
+    assert result["fused_vs_default"] < 1e-5 and result["fused_vs_reference"] < 1e-5
+    assert result["default_vs_reference"] < 1e-5
