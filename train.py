@@ -43,7 +43,8 @@ from data import DataError
 from sm3 import optimizer_state_bytes
 from trainer import config
 from trainer.checkpoint import Checkpointer, CheckpointError
-from trainer.distributed import all_reduce, init_distributed, pick_device, shard_model, slurm_to_torchrun_environment
+from trainer.distributed import (all_reduce, init_distributed, is_dtensor, is_main_process, pick_device, shard_model,
+                                 slurm_to_torchrun_environment)
 from trainer.errors import ConfigError, Preempted, TrainingDiverged
 from trainer.files import RunDirLock, StorageError, os_error_in, remove_new_run_dir, storage_error
 from trainer.machine import cpu_description
@@ -142,20 +143,20 @@ def set_up(cfg, run_dir: Path) -> Run:
     if trainer.compile:  # checkpoints and evaluation use `model` itself: no compiled-module names in them
         net = torch.compile(net)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg, model, optimizer, scheduler, averaged, sharded=fsdp,
-                                is_main=rank == 0, keep=trainer.keep_checkpoints,
+                                is_main=is_main_process(), keep=trainer.keep_checkpoints,
                                 interval=trainer.checkpoint_interval, minutes=trainer.checkpoint_minutes)
     state = TrainState()
     found = checkpointer.load() if trainer.resume == config.Resume.auto else None
     if found is not None:
         state = TrainState.from_state_dict(found[1])
-        if rank == 0:
+        if is_main_process():
             print(f"Resuming from {found[0]} at step {state.step}")
     hydra_cfg = HydraConfig.get()
-    log = RunLog(cfg, run_dir, is_main=rank == 0, name=hydra_cfg.job.override_dirname or "defaults",
+    log = RunLog(cfg, run_dir, is_main=is_main_process(), name=hydra_cfg.job.override_dirname or "defaults",
                  group=Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None)
     log.start(state)
     autocast = autocast_context(trainer.precision.value, device)
-    if rank == 0:
+    if is_main_process():
         precision = "float32" if autocast is contextlib.nullcontext else "bf16 autocast"
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.optim.name.value}, "
               f"device {device} ({precision}{'' if device.type == 'cuda' else '; ' + cpu_description()}), "
@@ -210,7 +211,7 @@ def train_step(run: Run, batches: TrainBatches, stop: tuple[bool, bool] = (False
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.clip_norm)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
+    if is_dtensor(grad_norm):  # FSDP: the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
     finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
     if finite:
@@ -426,7 +427,7 @@ def main(cfg: DictConfig) -> float:
     job is recorded instead and the sweep goes on, but a signal stops the whole sweep (after a checkpoint)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
-    lock = RunDirLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    lock = RunDirLock(run_dir) if is_main_process() else contextlib.nullcontext()
     try:
         with lock:
             config.validate(cfg)
