@@ -1,0 +1,91 @@
+"""Using a trained run: scripts/sample.py and scripts/translate.py through the one loader (trainer/trained.py),
+and the line each prints about what it loaded."""
+
+import pytest
+import torch
+
+from models import TransformerLM
+from scripts import sample, translate
+from trainer.trained import load_trained
+
+LM_STEPS, MT_STEPS = ["trainer.max_steps=4"], ["trainer.max_steps=3"]
+
+
+def trained_run(tmp_path_factory, train_cli, overrides, name):
+    run_dir = tmp_path_factory.mktemp(name) / "run"
+    train_cli([*overrides, f"hydra.run.dir={run_dir}"], run_dir.parent)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def lm_run(tmp_path_factory, tiny_lm, train_cli):
+    """(run directory, its overrides): a tiny language model trained for 4 steps."""
+    overrides = [*tiny_lm, *LM_STEPS]
+    return trained_run(tmp_path_factory, train_cli, overrides, "lm"), overrides
+
+
+@pytest.fixture(scope="module")
+def mt_run(tmp_path_factory, tiny, train_cli):
+    """The same for translation, 3 steps."""
+    overrides = [*tiny, *MT_STEPS]
+    return trained_run(tmp_path_factory, train_cli, overrides, "mt"), overrides
+
+
+def test_sampling_feeds_at_most_the_context():
+    torch.manual_seed(0)
+    model = TransformerLM(20, 16, 32, 2, 1, dropout=0.0, max_positions=8).eval()
+    lengths = []
+    model.register_forward_pre_hook(lambda module, args: lengths.append(args[0].shape[1]))
+    new = sample.sample(model, [2, 5, 6], 20, 8, 1.0, None, torch.Generator().manual_seed(0), eos_id=3,
+                        banned=[0, 2, 3])  # eos banned: all 20 tokens come, past max_positions
+    assert len(new) == 20 and max(lengths) == 8
+
+
+def greedy(model, ids, steps, context, eos_id, banned):
+    """The likeliest next token, again and again: what top-k 1 must give."""
+    ids = list(ids)
+    for _ in range(steps):
+        logits = model(torch.tensor([ids[-context:]]))[0, -1]
+        logits[banned] = -float("inf")
+        if int(logits.argmax()) == eos_id:
+            break
+        ids.append(int(logits.argmax()))
+    return ids
+
+
+@pytest.mark.slow
+def test_sample_is_seeded_and_top_k_1_is_greedy(lm_run, capsys):
+    run_dir, _ = lm_run
+    trained = load_trained(run_dir, "transformer_lm")
+    tok = trained.task.tokenizer
+    prompt, context, banned = [tok.bos_id, *tok.encode("twenty")], trained.cfg.data.seq_len, [tok.pad_id, tok.bos_id]
+
+    def draw(seed, temperature=1.0, top_k=None):
+        return sample.sample(trained.model, prompt, 24, context, temperature, top_k,
+                             torch.Generator().manual_seed(seed), tok.eos_id, banned)
+
+    assert draw(0) == draw(0) and draw(0) != draw(1)
+    expected = greedy(trained.model, prompt, 24, context, tok.eos_id, banned)[len(prompt):]
+    assert draw(0, top_k=1) == draw(1, top_k=1) == draw(1, temperature=2.0, top_k=1) == expected
+    assert draw(0, temperature=0.0) == expected
+
+    sample.main([str(run_dir), "twenty", "--max-new-tokens", "8", "--seed", "3"])
+    first = capsys.readouterr()
+    assert f"loaded {run_dir}/checkpoints/last.pt (step 4, averaged parameters)" in first.err
+    assert len(first.out.splitlines()) == 1 and first.out.startswith("twenty")
+    sample.main([str(run_dir), "twenty", "--max-new-tokens", "8", "--seed", "3"])
+    assert capsys.readouterr().out == first.out  # the command line is seeded too
+    sample.main([str(run_dir / "checkpoints" / "step-000004.pt"), "", "--last-iterate", "--max-new-tokens", "4"])
+    assert f"loaded {run_dir}/checkpoints/step-000004.pt (step 4, last-iterate parameters)" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_translate_says_what_it_loaded_and_refuses_a_language_model(mt_run, lm_run, tmp_path, capsys):
+    (sources := tmp_path / "src.txt").write_text("twenty-one\n")
+    translate.main([str(mt_run[0]), "--input", str(sources)])
+    out = capsys.readouterr()
+    assert f"loaded {mt_run[0]}/checkpoints/last.pt (step 3, averaged parameters)" in out.err
+    assert len(out.out.splitlines()) == 1
+    with pytest.raises(SystemExit) as refused:
+        translate.main([str(lm_run[0]), "--input", str(sources)])
+    assert str(refused.value.code).startswith("error: ") and "model.name=transformer_lm" in str(refused.value.code)
