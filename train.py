@@ -46,7 +46,7 @@ from trainer.checkpoint import Checkpointer, CheckpointError
 from trainer.distributed import (all_reduce, init_distributed, is_dtensor, is_main_process, pick_device, shard_model,
                                  slurm_to_torchrun_environment)
 from trainer.errors import ConfigError, Preempted, TrainingDiverged
-from trainer.files import RunDirLock, StorageError, os_error_in, remove_new_run_dir, storage_error
+from trainer.files import RunDirLock, StorageError, os_error_in, remove_new_run_dir, storage_error, write_text
 from trainer.machine import cpu_description
 from trainer.optim import build_optimizer
 from trainer.preemption import Preemption
@@ -54,6 +54,7 @@ from trainer.runlog import RunLog
 from trainer.schedule import build_scheduler
 from trainer.state import TrainState
 from trainer.tasks import Task, build_task, task_type
+from trainer.trained import loaded_line
 
 config.register()
 FAILED_JOBS: list[str] = []  # multirun jobs that raised, reported by cli() after the sweep
@@ -119,7 +120,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 def set_up(cfg, run_dir: Path) -> Run:
-    """Process group, data and model, optimizer and schedule, the resumed state and the run's log."""
+    """Process group, data and model, optimizer and schedule, the resumed state and the run's log.
+    ``trainer.eval_only``: the run's checkpoint is required, and nothing of the run's is written."""
     trainer = cfg.trainer
     torch.manual_seed(trainer.seed)  # the same on every rank: identical initial replicas
     torch.set_flush_denormal(trainer.flush_denormal)  # no effect where the CPU cannot (returns False)
@@ -129,6 +131,7 @@ def set_up(cfg, run_dir: Path) -> Run:
     rank, world_size = init_distributed(device, fsdp)
     task = build_task(cfg, trainer.seed)
     model = task.build_model().to(device)
+    loads = trainer.resume == config.Resume.auto or trainer.eval_only  # the run's own checkpoint, if any
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(trainer.polyak_decay)) if trainer.polyak else None
     if fsdp:  # the averaged copy is sharded alike, so its updates go shard to shard
         for module in [model] + ([averaged.module] if averaged is not None else []):
@@ -146,15 +149,22 @@ def set_up(cfg, run_dir: Path) -> Run:
                                 is_main=is_main_process(), keep=trainer.keep_checkpoints,
                                 interval=trainer.checkpoint_interval, minutes=trainer.checkpoint_minutes)
     state = TrainState()
-    found = checkpointer.load() if trainer.resume == config.Resume.auto else None
+    found = checkpointer.load() if loads else None
     if found is not None:
         state = TrainState.from_state_dict(found[1])
-        if is_main_process():
+        if is_main_process() and trainer.eval_only:
+            parameters = "last-iterate and averaged parameters" if averaged is not None else "last-iterate parameters"
+            print(f"trainer.eval_only: {loaded_line(found[0], state.step, parameters)}")
+        elif is_main_process():
             print(f"Resuming from {found[0]} at step {state.step}")
+    elif trainer.eval_only:
+        raise CheckpointError(f"trainer.eval_only: no checkpoint in {run_dir / 'checkpoints'} to evaluate (give the "
+                              "overrides the run was trained with, or its hydra.run.dir)")
     hydra_cfg = HydraConfig.get()
     log = RunLog(cfg, run_dir, is_main=is_main_process(), name=hydra_cfg.job.override_dirname or "defaults",
                  group=Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None)
-    log.start(state)
+    if not trainer.eval_only:  # evaluating leaves the run's config, metrics and W&B run as they are
+        log.start(state)
     autocast = autocast_context(trainer.precision.value, device)
     if is_main_process():
         precision = "float32" if autocast is contextlib.nullcontext else "bf16 autocast"
@@ -378,11 +388,34 @@ def finish(run: Run, started: float) -> float:
     return task.selection_value(summary)
 
 
+def evaluate_checkpoint(run: Run) -> float:
+    """``trainer.eval_only``: the loaded checkpoint's metrics on ``trainer.eval_split``, as summary.json has them,
+    printed and written to ``eval-<split>.json`` beside it; returns the sweepers' value when valid is evaluated."""
+    split = run.cfg.trainer.eval_split.value
+    splits = ("valid", "test") if split == "both" else (split,)
+    if not (run.is_main or run.fsdp):
+        return float("nan")
+    results = {s: evaluate(run, s) for s in splits}
+    if not run.is_main:
+        return float("nan")
+    for s, result in results.items():
+        examples = {k: v for k, v in result.items() if "example" in k}
+        path = run.log.run_dir / f"eval-{s}.json"
+        write_text(path, json.dumps({"step": run.state.step, **numbers(result),
+                                     **({"examples": examples} if examples else {})}, indent=2) + "\n")
+        print(f"step {run.state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in numbers(result).items()) +
+              f"; in {path}")
+    everything = {k: v for result in results.values() for k, v in result.items()}
+    return run.task.selection_value(everything) if "valid" in results else float("nan")
+
+
 def train(cfg: DictConfig, run_dir: Path) -> float:
     started = time.time()
     run = None
     try:
         run = set_up(cfg, run_dir)
+        if cfg.trainer.eval_only:
+            return evaluate_checkpoint(run)
         with Preemption(cfg.trainer.requeue_exit_code) as preemption:
             run.model.train()
             train_loop(run, preemption, started)
@@ -431,6 +464,8 @@ def main(cfg: DictConfig) -> float:
     try:
         with lock:
             config.validate(cfg)
+            if cfg.trainer.eval_only:  # a finished run too: train() evaluates its checkpoint instead of training
+                return train(cfg, run_dir)
             (run_dir / "failed.json").unlink(missing_ok=True)
             result = finished(cfg, run_dir)
             return result if result is not None else train(cfg, run_dir)

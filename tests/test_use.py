@@ -1,5 +1,8 @@
 """Using a trained run: scripts/sample.py and scripts/translate.py through the one loader (trainer/trained.py),
-and the line each prints about what it loaded."""
+train.py's trainer.eval_only, and the line each prints about what it loaded."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,3 +92,46 @@ def test_translate_says_what_it_loaded_and_refuses_a_language_model(mt_run, lm_r
     with pytest.raises(SystemExit) as refused:
         translate.main([str(lm_run[0]), "--input", str(sources)])
     assert str(refused.value.code).startswith("error: ") and "model.name=transformer_lm" in str(refused.value.code)
+
+
+def files(run_dir: Path) -> dict:
+    """Every file's bytes, but the lock (it holds the PID of whoever holds it) and Hydra's log (appended to by
+    every command on the run, as a resume does)."""
+    return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*"))
+            if p.is_file() and p.name not in (".lock", "train.log")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("which,split", [("mt_run", "both"), ("lm_run", "test")])
+def test_eval_only_repeats_the_summary_and_changes_nothing(which, split, request, train_cli):
+    run_dir, overrides = request.getfixturevalue(which)
+    before = files(run_dir)
+    result = train_cli([*overrides, f"hydra.run.dir={run_dir}", "trainer.eval_only=true", f"trainer.eval_split={split}"],
+                       run_dir.parent)
+    step = json.loads((run_dir / "summary.json").read_text())["step"]
+    assert f"trainer.eval_only: loaded {run_dir}/checkpoints/last.pt (step {step}, " in result.stdout
+    after = files(run_dir)
+    written = {Path(f"eval-{s}.json") for s in (["valid", "test"] if split == "both" else [split])}
+    assert after.keys() - before.keys() == written
+    assert {k: after[k] for k in before} == before  # config, metrics, summary, checkpoints, .hydra: untouched
+    summary = json.loads(before[Path("summary.json")])
+    for name in written:
+        evaluated = json.loads(after[name])
+        numbers = {k: v for k, v in evaluated.items() if k != "examples"}
+        assert numbers == {k: summary[k] for k in numbers} and len(numbers) >= 5  # step, loss, ppl (+ averaged)
+
+
+@pytest.mark.slow
+def test_eval_only_without_a_checkpoint_is_one_error(tmp_path, tiny_lm, train_cli, one_line_error):
+    run_dir = tmp_path / "never-trained"
+    result = train_cli([*tiny_lm, f"hydra.run.dir={run_dir}", "trainer.eval_only=true"], tmp_path, check=False)
+    assert "trainer.eval_only: no checkpoint in" in one_line_error(result)
+    assert not run_dir.exists()  # the directory this command made is taken away again
+
+
+def test_use_options_are_typed(compose):
+    cfg = compose(["trainer.eval_only=true", "trainer.eval_split=test"])
+    assert cfg.trainer.eval_only and cfg.trainer.eval_split.value == "test"
+    with pytest.raises(Exception) as refused:
+        compose(["trainer.eval_split=train"])
+    assert "expected one of [valid, test, both]" in str(refused.value.__cause__)  # the choices are listed
