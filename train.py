@@ -35,14 +35,15 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from data import DataError
 from sm3 import optimizer_state_bytes
 from trainer import config
-from trainer.checkpoint import Checkpointer, CheckpointError
+from trainer.checkpoint import Checkpointer, CheckpointError, has_checkpoint
+from trainer.checkpoint.safe_load import MODEL_SHAPE_KEYS, check_model_config
 from trainer.distributed import (all_reduce, init_distributed, is_dtensor, is_main_process, pick_device, shard_model,
                                  slurm_to_torchrun_environment)
 from trainer.errors import ConfigError, Preempted, TrainingDiverged
@@ -54,7 +55,7 @@ from trainer.runlog import RunLog
 from trainer.schedule import build_scheduler
 from trainer.state import TrainState
 from trainer.tasks import Task, build_task, task_type
-from trainer.trained import loaded_line
+from trainer.trained import loaded_line, read_trained, weights
 
 config.register()
 FAILED_JOBS: list[str] = []  # multirun jobs that raised, reported by cli() after the sweep
@@ -119,6 +120,24 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def init_from_checkpoint(cfg, model: torch.nn.Module) -> None:
+    """``trainer.init_from``: the model starts from a trained run's last-iterate weights (before the Polyak average
+    is made from it); the optimizer, schedule and step start afresh. Read safely, as training resumes."""
+    path, state = read_trained(Path(cfg.trainer.init_from),
+                               report=print if is_main_process() else lambda line: None)
+    current = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
+    check_model_config(state["model_config"], path, current, keys=MODEL_SHAPE_KEYS,
+                       advice="trainer.init_from needs a model of the same shape")
+    try:
+        model.load_state_dict(weights(state, averaged=False)[0])
+    except RuntimeError as error:  # the same shape, another vocabulary (the data's tokenizer)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # the second names a tensor
+        raise CheckpointError(f"trainer.init_from: checkpoint {path} does not fit this model "
+                              f"({' '.join(lines[:2])})") from error
+    if is_main_process():
+        print(f"trainer.init_from: {loaded_line(path, state['progress']['step'], 'last-iterate parameters')}")
+
+
 def set_up(cfg, run_dir: Path) -> Run:
     """Process group, data and model, optimizer and schedule, the resumed state and the run's log.
     ``trainer.eval_only``: the run's checkpoint is required, and nothing of the run's is written."""
@@ -132,6 +151,8 @@ def set_up(cfg, run_dir: Path) -> Run:
     task = build_task(cfg, trainer.seed)
     model = task.build_model().to(device)
     loads = trainer.resume == config.Resume.auto or trainer.eval_only  # the run's own checkpoint, if any
+    if trainer.init_from is not None and not (loads and has_checkpoint(run_dir / "checkpoints")):
+        init_from_checkpoint(cfg, model)  # a run's own checkpoint wins: loaded below, as every resume
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(trainer.polyak_decay)) if trainer.polyak else None
     if fsdp:  # the averaged copy is sharded alike, so its updates go shard to shard
         for module in [model] + ([averaged.module] if averaged is not None else []):
@@ -156,7 +177,8 @@ def set_up(cfg, run_dir: Path) -> Run:
             parameters = "last-iterate and averaged parameters" if averaged is not None else "last-iterate parameters"
             print(f"trainer.eval_only: {loaded_line(found[0], state.step, parameters)}")
         elif is_main_process():
-            print(f"Resuming from {found[0]} at step {state.step}")
+            print(f"Resuming from {found[0]} at step {state.step}" + (
+                f" (its own checkpoint: trainer.init_from={trainer.init_from} is not used)" if trainer.init_from else ""))
     elif trainer.eval_only:
         raise CheckpointError(f"trainer.eval_only: no checkpoint in {run_dir / 'checkpoints'} to evaluate (give the "
                               "overrides the run was trained with, or its hydra.run.dir)")

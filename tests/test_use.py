@@ -1,5 +1,5 @@
 """Using a trained run: scripts/sample.py and scripts/translate.py through the one loader (trainer/trained.py),
-train.py's trainer.eval_only, and the line each prints about what it loaded."""
+train.py's trainer.eval_only and trainer.init_from, and the line each prints about what it loaded."""
 
 import json
 from pathlib import Path
@@ -9,6 +9,7 @@ import torch
 
 from models import TransformerLM
 from scripts import sample, translate
+from trainer.checkpoint import read_checkpoint
 from trainer.trained import load_trained
 
 LM_STEPS, MT_STEPS = ["trainer.max_steps=4"], ["trainer.max_steps=3"]
@@ -129,9 +130,40 @@ def test_eval_only_without_a_checkpoint_is_one_error(tmp_path, tiny_lm, train_cl
     assert not run_dir.exists()  # the directory this command made is taken away again
 
 
+@pytest.mark.slow
+def test_init_from_starts_a_new_run_from_the_weights(lm_run, tmp_path, tiny_lm, train_cli):
+    source_dir, _ = lm_run
+    source = read_checkpoint(source_dir / "checkpoints" / "last.pt")
+    run_dir = tmp_path / "fine-tuned"
+    # The one step's loss is made NaN, so the update is skipped: the checkpoint holds the weights it started from.
+    command = [*tiny_lm, f"hydra.run.dir={run_dir}", f"trainer.init_from={source_dir}", "trainer.debug_nan_steps=[1]"]
+    result = train_cli([*command, "trainer.max_steps=1"], tmp_path)
+    assert f"trainer.init_from: loaded {source_dir}/checkpoints/last.pt (step 4, last-iterate parameters)" \
+        in result.stdout and "Resuming" not in result.stdout
+    started = read_checkpoint(run_dir / "checkpoints" / "step-000001.pt")
+    assert started["progress"]["step"] == 1 and started["optimizer"]["state"] == {}  # from step 0, a fresh optimizer
+    assert started["scheduler"]["last_epoch"] == 0 and source["scheduler"]["last_epoch"] == 4
+    for name, tensor in source["model"].items():
+        assert torch.equal(started["model"][name], tensor), name
+        assert torch.equal(started["averaged"][f"module.{name}"], tensor), name  # the average starts there too
+    resumed = train_cli([*command, "trainer.max_steps=2"], tmp_path)
+    assert f"Resuming from {run_dir}/checkpoints/last.pt at step 1 (its own checkpoint: trainer.init_from=" \
+        in resumed.stdout and "trainer.init_from: loaded" not in resumed.stdout
+
+
+@pytest.mark.slow
+def test_init_from_refuses_another_shape(lm_run, tmp_path, tiny_lm, train_cli, one_line_error):
+    result = train_cli([*tiny_lm, f"hydra.run.dir={tmp_path / 'wider'}", f"trainer.init_from={lm_run[0]}",
+                        "model.d_model=64"], tmp_path, check=False)
+    line = one_line_error(result)
+    assert "model.d_model: checkpoint 128 vs config 64" in line and "trainer.init_from needs a model of the same shape" \
+        in line
+
+
 def test_use_options_are_typed(compose):
-    cfg = compose(["trainer.eval_only=true", "trainer.eval_split=test"])
-    assert cfg.trainer.eval_only and cfg.trainer.eval_split.value == "test"
+    cfg = compose(["trainer.eval_only=true", "trainer.eval_split=test", "trainer.init_from=outputs/run"])
+    assert cfg.trainer.eval_only and cfg.trainer.eval_split.value == "test" and cfg.trainer.init_from == "outputs/run"
+    assert compose([]).trainer.init_from is None
     with pytest.raises(Exception) as refused:
         compose(["trainer.eval_split=train"])
     assert "expected one of [valid, test, both]" in str(refused.value.__cause__)  # the choices are listed

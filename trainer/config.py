@@ -151,6 +151,8 @@ class TrainerConfig:
     # Evaluate the run's newest checkpoint on eval_split instead of training: eval-<split>.json, nothing else written.
     eval_only: bool = False
     eval_split: EvalSplit = EvalSplit.both
+    # A new run starts from this checkpoint's (or run directory's) model weights; a run with its own checkpoint resumes.
+    init_from: Optional[str] = None
 
 
 @dataclass
