@@ -6,7 +6,8 @@
 
 Re-running the same command resumes from `<run dir>/checkpoints/last.pt` (or, if that is corrupt,
 the newest readable `step-NNNNNN.pt`); FSDP runs (`torchrun ... train.py trainer.parallel=fsdp`) from
-the newest complete sharded `step-NNNNNN/` directory (see trainer/checkpoint.py).
+the newest complete sharded `step-NNNNNN/` directory (see trainer/checkpoint/). `trainer.eval_only=true`
+evaluates the newest checkpoint instead of training; `trainer.init_from=PATH` starts a new run from trained weights.
 
 Exit status: 0 done; 2 bad input (config, data files, unusable checkpoint), as one `error: ...` line;
 1 training diverged (trainer.max_bad_steps consecutive NaN/inf steps) or a multirun job failed;
