@@ -154,7 +154,7 @@ def test_init_from_starts_a_new_run_from_the_weights(lm_run, tmp_path, tiny_lm, 
 @pytest.mark.slow
 def test_init_from_refuses_another_shape(lm_run, tmp_path, tiny_lm, train_cli, one_line_error):
     result = train_cli([*tiny_lm, f"hydra.run.dir={tmp_path / 'wider'}", f"trainer.init_from={lm_run[0]}",
-                        "model.d_model=64"], tmp_path, check=False)
+                        "model.d_model=64", "trainer.max_steps=1"], tmp_path, check=False)  # were it not refused
     line = one_line_error(result)
     assert "model.d_model: checkpoint 128 vs config 64" in line and "trainer.init_from needs a model of the same shape" \
         in line
