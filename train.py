@@ -6,7 +6,8 @@
 
 Re-running the same command resumes from `<run dir>/checkpoints/last.pt` (or, if that is corrupt,
 the newest readable `step-NNNNNN.pt`); FSDP runs (`torchrun ... train.py trainer.parallel=fsdp`) from
-the newest complete sharded `step-NNNNNN/` directory (see trainer/checkpoint.py).
+the newest complete sharded `step-NNNNNN/` directory (see trainer/checkpoint/). `trainer.eval_only=true`
+evaluates the newest checkpoint instead of training; `trainer.init_from=PATH` starts a new run from trained weights.
 
 Exit status: 0 done; 2 bad input (config, data files, unusable checkpoint), as one `error: ...` line;
 1 training diverged (trainer.max_bad_steps consecutive NaN/inf steps) or a multirun job failed;
@@ -35,17 +36,19 @@ import hydra
 import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from data import DataError
 from sm3 import optimizer_state_bytes
 from trainer import config
-from trainer.checkpoint import Checkpointer, CheckpointError
-from trainer.distributed import all_reduce, init_distributed, pick_device, shard_model, slurm_to_torchrun_environment
+from trainer.checkpoint import Checkpointer, CheckpointError, has_checkpoint
+from trainer.checkpoint.safe_load import MODEL_SHAPE_KEYS, check_model_config
+from trainer.distributed import (all_reduce, init_distributed, is_dtensor, is_main_process, pick_device, shard_model,
+                                 slurm_to_torchrun_environment)
 from trainer.errors import ConfigError, Preempted, TrainingDiverged
-from trainer.files import RunDirLock, StorageError, os_error_in, remove_new_run_dir, storage_error
+from trainer.files import RunDirLock, StorageError, os_error_in, remove_new_run_dir, storage_error, write_text
 from trainer.machine import cpu_description
 from trainer.optim import build_optimizer
 from trainer.preemption import Preemption
@@ -53,6 +56,7 @@ from trainer.runlog import RunLog
 from trainer.schedule import build_scheduler
 from trainer.state import TrainState
 from trainer.tasks import Task, build_task, task_type
+from trainer.trained import loaded_line, read_trained, weights
 
 config.register()
 FAILED_JOBS: list[str] = []  # multirun jobs that raised, reported by cli() after the sweep
@@ -117,8 +121,27 @@ def peak_memory_bytes(device: torch.device) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def init_from_checkpoint(cfg, model: torch.nn.Module) -> None:
+    """``trainer.init_from``: the model starts from a trained run's last-iterate weights (before the Polyak average
+    is made from it); the optimizer, schedule and step start afresh. Read safely, as training resumes."""
+    path, state = read_trained(Path(cfg.trainer.init_from),
+                               report=print if is_main_process() else lambda line: None)
+    current = OmegaConf.to_container(cfg.model, resolve=True, enum_to_str=True)
+    check_model_config(state["model_config"], path, current, keys=MODEL_SHAPE_KEYS,
+                       advice="trainer.init_from needs a model of the same shape")
+    try:
+        model.load_state_dict(weights(state, averaged=False)[0])
+    except RuntimeError as error:  # the same shape, another vocabulary (the data's tokenizer)
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]  # the second names a tensor
+        raise CheckpointError(f"trainer.init_from: checkpoint {path} does not fit this model "
+                              f"({' '.join(lines[:2])})") from error
+    if is_main_process():
+        print(f"trainer.init_from: {loaded_line(path, state['progress']['step'], 'last-iterate parameters')}")
+
+
 def set_up(cfg, run_dir: Path) -> Run:
-    """Process group, data and model, optimizer and schedule, the resumed state and the run's log."""
+    """Process group, data and model, optimizer and schedule, the resumed state and the run's log.
+    ``trainer.eval_only``: the run's checkpoint is required, and nothing of the run's is written."""
     trainer = cfg.trainer
     torch.manual_seed(trainer.seed)  # the same on every rank: identical initial replicas
     torch.set_flush_denormal(trainer.flush_denormal)  # no effect where the CPU cannot (returns False)
@@ -128,6 +151,9 @@ def set_up(cfg, run_dir: Path) -> Run:
     rank, world_size = init_distributed(device, fsdp)
     task = build_task(cfg, trainer.seed)
     model = task.build_model().to(device)
+    loads = trainer.resume == config.Resume.auto or trainer.eval_only  # the run's own checkpoint, if any
+    if trainer.init_from is not None and not (loads and has_checkpoint(run_dir / "checkpoints")):
+        init_from_checkpoint(cfg, model)  # a run's own checkpoint wins: loaded below, as every resume
     averaged = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(trainer.polyak_decay)) if trainer.polyak else None
     if fsdp:  # the averaged copy is sharded alike, so its updates go shard to shard
         for module in [model] + ([averaged.module] if averaged is not None else []):
@@ -142,20 +168,28 @@ def set_up(cfg, run_dir: Path) -> Run:
     if trainer.compile:  # checkpoints and evaluation use `model` itself: no compiled-module names in them
         net = torch.compile(net)
     checkpointer = Checkpointer(run_dir / "checkpoints", cfg, model, optimizer, scheduler, averaged, sharded=fsdp,
-                                is_main=rank == 0, keep=trainer.keep_checkpoints,
+                                is_main=is_main_process(), keep=trainer.keep_checkpoints,
                                 interval=trainer.checkpoint_interval, minutes=trainer.checkpoint_minutes)
     state = TrainState()
-    found = checkpointer.load() if trainer.resume == config.Resume.auto else None
+    found = checkpointer.load() if loads else None
     if found is not None:
         state = TrainState.from_state_dict(found[1])
-        if rank == 0:
-            print(f"Resuming from {found[0]} at step {state.step}")
+        if is_main_process() and trainer.eval_only:
+            parameters = "last-iterate and averaged parameters" if averaged is not None else "last-iterate parameters"
+            print(f"trainer.eval_only: {loaded_line(found[0], state.step, parameters)}")
+        elif is_main_process():
+            print(f"Resuming from {found[0]} at step {state.step}" + (
+                f" (its own checkpoint: trainer.init_from={trainer.init_from} is not used)" if trainer.init_from else ""))
+    elif trainer.eval_only:
+        raise CheckpointError(f"trainer.eval_only: no checkpoint in {run_dir / 'checkpoints'} to evaluate (give the "
+                              "overrides the run was trained with, or its hydra.run.dir)")
     hydra_cfg = HydraConfig.get()
-    log = RunLog(cfg, run_dir, is_main=rank == 0, name=hydra_cfg.job.override_dirname or "defaults",
+    log = RunLog(cfg, run_dir, is_main=is_main_process(), name=hydra_cfg.job.override_dirname or "defaults",
                  group=Path(hydra_cfg.sweep.dir).name if hydra_cfg.mode.name == "MULTIRUN" else None)
-    log.start(state)
+    if not trainer.eval_only:  # evaluating leaves the run's config, metrics and W&B run as they are
+        log.start(state)
     autocast = autocast_context(trainer.precision.value, device)
-    if rank == 0:
+    if is_main_process():
         precision = "float32" if autocast is contextlib.nullcontext else "bf16 autocast"
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.optim.name.value}, "
               f"device {device} ({precision}{'' if device.type == 'cuda' else '; ' + cpu_description()}), "
@@ -210,7 +244,7 @@ def train_step(run: Run, batches: TrainBatches, stop: tuple[bool, bool] = (False
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.clip_norm)
     else:
         grad_norm = torch.nn.utils.get_total_norm([p.grad for p in model.parameters() if p.grad is not None])
-    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor, the norm over every rank's shards
+    if is_dtensor(grad_norm):  # FSDP: the norm over every rank's shards
         grad_norm = grad_norm.full_tensor()
     finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
     if finite:
@@ -377,11 +411,34 @@ def finish(run: Run, started: float) -> float:
     return task.selection_value(summary)
 
 
+def evaluate_checkpoint(run: Run) -> float:
+    """``trainer.eval_only``: the loaded checkpoint's metrics on ``trainer.eval_split``, as summary.json has them,
+    printed and written to ``eval-<split>.json`` beside it; returns the sweepers' value when valid is evaluated."""
+    split = run.cfg.trainer.eval_split.value
+    splits = ("valid", "test") if split == "both" else (split,)
+    if not (run.is_main or run.fsdp):
+        return float("nan")
+    results = {s: evaluate(run, s) for s in splits}
+    if not run.is_main:
+        return float("nan")
+    for s, result in results.items():
+        examples = {k: v for k, v in result.items() if "example" in k}
+        path = run.log.run_dir / f"eval-{s}.json"
+        write_text(path, json.dumps({"step": run.state.step, **numbers(result),
+                                     **({"examples": examples} if examples else {})}, indent=2) + "\n")
+        print(f"step {run.state.step}: " + ", ".join(f"{k} {v:.3f}" for k, v in numbers(result).items()) +
+              f"; in {path}")
+    everything = {k: v for result in results.values() for k, v in result.items()}
+    return run.task.selection_value(everything) if "valid" in results else float("nan")
+
+
 def train(cfg: DictConfig, run_dir: Path) -> float:
     started = time.time()
     run = None
     try:
         run = set_up(cfg, run_dir)
+        if cfg.trainer.eval_only:
+            return evaluate_checkpoint(run)
         with Preemption(cfg.trainer.requeue_exit_code) as preemption:
             run.model.train()
             train_loop(run, preemption, started)
@@ -426,10 +483,12 @@ def main(cfg: DictConfig) -> float:
     job is recorded instead and the sweep goes on, but a signal stops the whole sweep (after a checkpoint)."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     multirun = HydraConfig.get().mode.name == "MULTIRUN"
-    lock = RunDirLock(run_dir) if int(os.environ.get("RANK", "0")) == 0 else contextlib.nullcontext()
+    lock = RunDirLock(run_dir) if is_main_process() else contextlib.nullcontext()
     try:
         with lock:
             config.validate(cfg)
+            if cfg.trainer.eval_only:  # a finished run too: train() evaluates its checkpoint instead of training
+                return train(cfg, run_dir)
             (run_dir / "failed.json").unlink(missing_ok=True)
             result = finished(cfg, run_dir)
             return result if result is not None else train(cfg, run_dir)

@@ -3,7 +3,9 @@
     python scripts/translate.py outputs/RUN_DIR --input src.txt --references ref.txt
     echo "twenty-one" | python scripts/translate.py outputs/RUN_DIR/checkpoints/last.pt
 
-Uses the Polyak-averaged parameters when the checkpoint has them (`--last-iterate` for the raw ones).
+A run directory is read as training resumes it (`last.pt`, else the newest readable step file), loaded safely,
+and the file and step loaded go to stderr. Uses the Polyak-averaged parameters when the checkpoint has them
+(`--last-iterate` for the raw ones).
 """
 
 from __future__ import annotations
@@ -14,35 +16,11 @@ from pathlib import Path
 
 import sacrebleu
 import torch
-from omegaconf import OmegaConf
 
-from data import DataError, load_translation_data
-from models import build_model
-from trainer.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from data import DataError
+from trainer.checkpoint import CheckpointError
 from trainer.tasks import decode_length
-
-
-def load_run(path: Path, last_iterate: bool, device: torch.device):
-    """The model and tokenizer of a run directory or of a checkpoint inside one. A run directory is read as
-    training resumes it: ``last.pt``, else the newest readable ``step-NNNNNN.pt``, loaded safely."""
-    if path.is_dir():
-        found = latest_checkpoint(path / "checkpoints", report=lambda line: print(line, file=sys.stderr))
-        if found is None:
-            raise CheckpointError(f"no checkpoint in {path / 'checkpoints'}")
-        checkpoint, state = found
-    else:
-        checkpoint, state = path, read_checkpoint(path)
-    run_dir = checkpoint.parent.parent
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    data = load_translation_data(cfg.data, seed=cfg.trainer.seed)
-    model = build_model(OmegaConf.create(state["model_config"]), data.tokenizer.vocab_size, data.tokenizer.pad_id)
-    if state.get("averaged") is not None and not last_iterate:
-        prefix = "module."  # AveragedModel keeps the copy under `module` next to its counter
-        weights = {k[len(prefix):]: v for k, v in state["averaged"].items() if k.startswith(prefix)}
-    else:
-        weights = state["model"]
-    model.load_state_dict(weights)
-    return model.to(device).eval(), data.tokenizer, cfg
+from trainer.trained import load_trained
 
 
 @torch.no_grad()
@@ -75,9 +53,11 @@ def main(argv: list[str] | None = None) -> None:
 
     device = torch.device(args.device)
     try:
-        model, tokenizer, _ = load_run(args.run, args.last_iterate, device)
+        trained = load_trained(args.run, "transformer", last_iterate=args.last_iterate, device=device)
     except (CheckpointError, DataError, FileNotFoundError) as error:
         sys.exit(f"error: {error}")
+    print(trained.line, file=sys.stderr)
+    model, tokenizer = trained.model, trained.task.tokenizer
     text = args.input.read_text() if args.input else sys.stdin.read()
     lines = text.splitlines()
     hypotheses = translate(model, tokenizer, lines, args.beam_size, args.length_penalty, args.batch_size, device)

@@ -6,6 +6,7 @@
     optim        build_optimizer(cfg.optim, params)
     schedule     build_scheduler(cfg.schedule, optimizer, max_steps): warm-up and cool-down
     checkpoint   Checkpointer: save / load, single files or sharded (FSDP) directories
+    trained      a trained run's checkpoint and model, to use (scripts/translate.py, sample.py, trainer.init_from)
     runlog       RunLog: config.yaml, metrics.jsonl, summary.json and Weights & Biases
     distributed  device, torchrun / SLURM process groups, FSDP sharding, collectives
     preemption   Preemption: SIGTERM / SIGINT become a checkpoint and a requeue exit status

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
 
 from data import DataConfig, LMDataConfig
 
@@ -55,6 +55,12 @@ class LoggerMode(str, Enum):
 class Resume(str, Enum):
     auto = "auto"
     never = "never"
+
+
+class EvalSplit(str, Enum):
+    valid = "valid"
+    test = "test"
+    both = "both"
 
 
 class Parallel(str, Enum):
@@ -142,6 +148,11 @@ class TrainerConfig:
     length_penalty: float = 1.0
     eval_max_len: int = 256  # decoding stops at min(this, 1.5 * source length + 10)
     progress: bool = True  # a bar on a terminal; false, or not a terminal: a line every log_interval steps
+    # Evaluate the run's newest checkpoint on eval_split instead of training: eval-<split>.json, nothing else written.
+    eval_only: bool = False
+    eval_split: EvalSplit = EvalSplit.both
+    # A new run starts from this checkpoint's (or run directory's) model weights; a run with its own checkpoint resumes.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -162,6 +173,10 @@ def register() -> None:
                         ("data", DataConfig), ("logger", LoggerConfig), ("trainer", TrainerConfig)]:
         cs.store(group=group, name=f"{group}_schema", node=node)
     cs.store(group="data", name="lm_data_schema", node=LMDataConfig)
+    # hydra.output_subdir in conf/config.yaml: an evaluate-only run keeps the run's .hydra/ (its overrides,
+    # which scripts/compare.py labels it by) as training wrote it.
+    OmegaConf.register_new_resolver("unless_eval_only", lambda eval_only, subdir: None if eval_only else subdir,
+                                    replace=True)
 
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"

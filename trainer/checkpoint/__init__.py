@@ -36,13 +36,13 @@ from typing import Callable, Optional
 
 from omegaconf import OmegaConf
 
-from trainer.checkpoint.common import STEP_DIR, STEP_FILE, Contents, step_dirs, step_files
+from trainer.checkpoint.common import STEP_DIR, STEP_FILE, Contents, has_checkpoint, step_dirs, step_files
 from trainer.checkpoint.safe_load import CheckpointError, UnsafeCheckpointError
 from trainer.checkpoint.sharded import ShardedBackend, read_sharded_state
 from trainer.checkpoint.single_file import FileBackend, latest_checkpoint, read_checkpoint
 
 __all__ = ["Checkpointer", "CheckpointError", "UnsafeCheckpointError", "latest_checkpoint", "read_checkpoint",
-           "read_sharded_state", "step_files", "step_dirs", "STEP_FILE", "STEP_DIR"]
+           "read_sharded_state", "has_checkpoint", "step_files", "step_dirs", "STEP_FILE", "STEP_DIR"]
 
 
 def _silent(line: str) -> None:

@@ -32,6 +32,11 @@ def step_files(checkpoint_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def has_checkpoint(checkpoint_dir: Path) -> bool:
+    """Whether a resume would find something to load (or to refuse) in ``checkpoint_dir``, either backend's."""
+    return (checkpoint_dir / "last.pt").exists() or bool(step_files(checkpoint_dir) or step_dirs(checkpoint_dir))
+
+
 def step_dirs(checkpoint_dir: Path) -> list[Path]:
     """``step-*/`` checkpoint directories, newest (highest step) first."""
     if not checkpoint_dir.is_dir():

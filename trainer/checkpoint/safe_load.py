@@ -49,12 +49,19 @@ def check_optim_config(saved: dict | None, path: Path, current: dict, saved_grou
                               "use the checkpoint's values, trainer.resume=never or another run directory")
 
 
-def check_model_config(saved: dict, path: Path, current: dict) -> None:
-    mismatched = sorted(k for k in saved.keys() | current.keys() if saved.get(k) != current.get(k))
+# What the parameters' shapes (and heads: their meaning) follow; trainer.init_from needs these to match. Dropout
+# and label smoothing may change for fine-tuning, and max_positions sizes a table of fixed sinusoids, not a parameter.
+MODEL_SHAPE_KEYS = ("name", "d_model", "d_ff", "heads", "encoder_layers", "decoder_layers", "pre_norm")
+
+
+def check_model_config(saved: dict, path: Path, current: dict, keys=None,
+                       advice: str = "use trainer.resume=never or another run directory") -> None:
+    """Resuming needs every ``model`` value equal; ``keys`` names fewer (``MODEL_SHAPE_KEYS``)."""
+    keys = saved.keys() | current.keys() if keys is None else keys
+    mismatched = sorted(k for k in keys if saved.get(k) != current.get(k))
     if mismatched:
         details = ", ".join(f"model.{k}: checkpoint {saved.get(k)!r} vs config {current.get(k)!r}" for k in mismatched)
-        raise CheckpointError(f"checkpoint {path} was written for another model ({details}); "
-                              "use trainer.resume=never or another run directory")
+        raise CheckpointError(f"checkpoint {path} was written for another model ({details}); {advice}")
 
 
 # What DCP's `.metadata` pickle may name: its own metadata classes, sizes, dtypes (below), layouts, paths.
