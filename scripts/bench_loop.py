@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -26,7 +25,8 @@ from pathlib import Path
 
 import torch
 
-from trainer.config import compose  # the one composer; scripts.study* and profile_step import it from here
+from trainer.config import compose
+from trainer.machine import cpu_description  # the one composer; scripts.study* and profile_step import it from here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,7 +110,7 @@ def main() -> None:
         "",
         f"Loop overhead: {cfg.model.d_model}-wide model, {cfg.optim.name.value}, data.max_tokens={cfg.data.max_tokens}, "
         f"{args.rounds} x {args.steps} steps per loop, {torch.get_num_threads()} threads, "
-        f"{os.cpu_count()} CPUs; medians of {WINDOW}-step windows.",
+        f"{cpu_description()}; medians of {WINDOW}-step windows.",
         "",
         "| loop | tokens/s (median) | windows |",
         "| --- | --- | --- |",

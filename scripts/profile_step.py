@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from scripts.bench_loop import compose
+from trainer.machine import cpu_description
 
 ROOT = Path(__file__).resolve().parents[1]
 KINDS = {  # kind -> substrings of aten op names, first match wins
@@ -122,8 +123,8 @@ def main() -> None:
     lines = [f"# Step profile: `{' '.join(overrides)}` on this CPU", "",
              f"`uv run python scripts/profile_step.py {' '.join(args.overrides)}` "
              f"({time.time() - started:.0f} s). Median of {len(times['fp32'])} steps per precision, alternating; "
-             f"~{per_token:.0f} target tokens a step. CPU capability: "
-             f"{torch.backends.cpu.get_cpu_capability()}, {torch.get_num_threads()} threads.", "",
+             f"~{per_token:.0f} target tokens a step. CPU: {cpu_description()} (torch's capability "
+             f"{torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads.", "",
              "| precision | s / step | tokens/s | x float32 |", "| --- | ---: | ---: | ---: |",
              f"| float32 | {fp32:.3f} | {per_token / fp32:.0f} | 1.00 |",
              f"| bf16 autocast | {bf16:.3f} | {per_token / bf16:.0f} | {bf16 / fp32:.2f} |", "",
