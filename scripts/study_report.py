@@ -277,7 +277,7 @@ def long_section(runs: Path, out: Path, task: str, best: dict) -> list[str]:
     metric, higher = METRIC[task]
     name = METRIC_NAME[metric]
     rows = [["optimizer", f"{STEPS[task]} steps: test {name} (averaged)", "seeds",
-             f"{HORIZON * STEPS[task]} steps: best lr (of 0.5x, 1x, 2x)", f"test {name} (averaged)", "seeds"]]
+             f"{HORIZON * STEPS[task]} steps: rates run", "best", f"test {name} (averaged)", "seeds"]]
     groups, checks = {}, []
     for optim in OPTIMIZERS:
         jobs = _jobs(runs, f"{task}_{optim}_long")
@@ -290,7 +290,9 @@ def long_section(runs: Path, out: Path, task: str, best: dict) -> list[str]:
         short = best.get(task, {}).get(optim, {})
         mean, std = short.get("test", [None, None])
         rows.append([optim, "–" if mean is None else f"{mean:.2f}" + ("" if std is None else f" ± {std:.2f}"),
-                     str(short.get("seeds", "–")), f"{setting(top)['optim.lr']:g}",
+                     str(short.get("seeds", "–")),
+                     ", ".join(sorted({f"{setting(j)['optim.lr']:g}" for j in jobs if j.summary}, key=float)),
+                     f"{setting(top)['optim.lr']:g}",
                      fmt_mean_std([_value(j, metric, split="test") for j in group]), str(len(group))])
     if not groups:
         return []

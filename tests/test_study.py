@@ -100,7 +100,7 @@ def test_long_runs_each_optimizer_around_its_tuned_lr_then_seeds_the_best(tmp_pa
     from scripts.study_report import write_report
 
     report = write_report(tmp_path, tmp_path).read_text()  # best.json, where write_report reads it, is there
-    assert "### 4x the steps (mt)" in report and "| adam | 50.00 ± 1.00 | 3 | 0.008 | 50.00 ± 0.00 | 3 |" in report
+    assert "### 4x the steps (mt)" in report and "| adam | 50.00 ± 1.00 | 3 | 0.002, 0.004, 0.008 | 0.008 | 50.00 ± 0.00 | 3 |" in report
 
 
 def test_beta_grid_goes_lower_while_the_lowest_lr_wins(tmp_path, monkeypatch):
