@@ -148,10 +148,19 @@ def short_labels(jobs: list[Job]) -> tuple[dict[str, str], list[str]]:
     return labels, sorted(common)
 
 
+def task_of(job: Job):
+    """The trainer's task class of a job (what judges it: metric, label, direction), from its model."""
+    from trainer.tasks import LanguageModelTask, TranslationTask
+
+    model = str(job.get("model.name") or "")
+    return LanguageModelTask if model.startswith("transformer_lm") else TranslationTask
+
+
 def quality_metric(jobs: list[Job]) -> tuple[str, str]:
-    """('bleu', 'BLEU') for translation, ('ppl', 'perplexity') when no job reports BLEU."""
-    has_bleu = any("test_bleu" in (j.summary or {}) or any("valid_bleu" in r for r in j.records) for j in jobs)
-    return ("bleu", "BLEU") if has_bleu or not jobs else ("ppl", "perplexity")
+    """The (metric, label) of the table: translation's when any job translates, else language modelling's."""
+    kinds = {task_of(j) for j in jobs}
+    kind = min(kinds, key=lambda k: k.metric != "bleu") if kinds else task_of(Job("", Path(".")))
+    return kind.metric, kind.metric_label
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -174,22 +183,20 @@ def markdown_table(jobs: list[Job], labels: dict[str, str], metric: str, metric_
         rows.append([
             f"`{labels[job.name]}`", job.experiment or "–", str(optimizer) if optimizer else "–",
             _fmt(job.get("optim.lr"), 4), f"{max_tokens} x {accum or 1}" if max_tokens else "–",
-            *_quality(s, metric),
+            *_quality(job, metric),
             _fmt(state / MB if state is not None else None), _fmt(peak / MB if peak is not None else None, 0),
             _fmt(s.get("tokens_per_second"), 0), job.status,
         ])
     return "\n".join("| " + " | ".join(row) + " |" for row in rows) + "\n"
 
 
-def _quality(summary: dict, metric: str) -> list[str]:
+def _quality(job: Job, metric: str) -> list[str]:
     """Test metric of the last iterate and of the averaged parameters; in a sweep mixing translation
-    and language modelling, a job without the table's metric shows its own, named."""
-    if f"test_{metric}" not in summary:
-        other = {"bleu": "ppl", "ppl": "bleu"}[metric]
-        if f"test_{other}" in summary:
-            unit = {"bleu": " BLEU", "ppl": " ppl"}[other]
-            return [_fmt(summary.get(f"test_{other}{k}")) + unit for k in ("", "_averaged")]
-    return [_fmt(summary.get(f"test_{metric}{k}")) for k in ("", "_averaged")]
+    and language modelling, a job of the other kind shows its own metric, named."""
+    summary, kind = job.summary or {}, task_of(job)
+    unit = "" if kind.metric == metric else f" {kind.metric_label}"
+    return [_fmt(summary.get(f"test_{kind.metric}{k}")) + (unit if f"test_{kind.metric}{k}" in summary else "")
+            for k in ("", "_averaged")]
 
 
 def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
