@@ -27,7 +27,7 @@ from pathlib import Path
 from scripts.compare import Job, find_jobs, mean_std
 from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_WARMUP, HORIZON, KIND,
                                     MAX_EXTENSIONS, MOMENTUM_WARMUPS, OPTIMIZERS, ROOT, SEEDS, STEPS, TASKS,
-                                    WARMUPS, WIDTHS, footprint, grid, score, setting)
+                                    WARMUPS, WIDTHS, footprint, grid, same_setting, score, setting)
 
 RUNS = ROOT / "multirun" / "study"
 BEST = ROOT / "docs" / "study" / "best.json"  # tune's best settings, where the other parts start
@@ -85,15 +85,9 @@ def best_overrides(task: str, optim: str, momentum: float | None = None) -> list
     return entry["overrides"]
 
 
-def _same_setting(a: Job, b: Job) -> bool:
-    def key(job):
-        return ({k: v for k, v in setting(job).items() if k != "trainer.seed"}, job.config.get("model", {}).get("d_model"))
-    return key(a) == key(b)
-
-
 def seed_group(task: str, optim: str, best: Job, suffix: str = "") -> list[Job]:
     """The finished runs (every seed) of ``best``'s setting in a part."""
-    return [j for j in jobs_of(task, optim, suffix) if j.summary is not None and _same_setting(j, best)]
+    return [j for j in jobs_of(task, optim, suffix) if j.summary is not None and same_setting(j, best)]
 
 
 def write_best(task: str) -> None:

@@ -82,6 +82,13 @@ def setting(job: Job) -> dict[str, float]:
             "trainer.max_steps": trainer.get("max_steps"), "trainer.seed": trainer.get("seed")}
 
 
+def same_setting(a: Job, b: Job) -> bool:
+    """Whether two runs differ in their seed at most (the swept values and the model width)."""
+    def key(job):
+        return ({k: v for k, v in setting(job).items() if k != "trainer.seed"}, job.config.get("model", {}).get("d_model"))
+    return key(a) == key(b)
+
+
 def footprint(optim: str, momentum: float, width: int, vocab: int) -> tuple[int, int]:
     """(parameters, bytes of parameters + gradients + optimizer state after one step) of the
     transformer_tiny shape at d_model=width, d_ff=4*width (state as ``sm3.optimizer_state_bytes``)."""

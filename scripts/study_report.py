@@ -10,8 +10,8 @@ import math
 from pathlib import Path
 
 from scripts.compare import Job, _save, draw_seed_bands, find_jobs, fmt_mean_std, mean_std, seeds_table
-from scripts.study_protocol import (BETAS, HORIZON, KIND, OPTIMIZERS, PROTOCOL, STEPS, TASKS, footprint, score,
-                                    setting)
+from scripts.study_protocol import (BETAS, HORIZON, KIND, OPTIMIZERS, PROTOCOL, STEPS, TASKS, footprint,
+                                    same_setting, score, setting)
 
 MIB = 2**20
 TASK_TITLE = {"mt": "Translation (data=builtin_sentences, transformer_tiny, 600 steps of 1k tokens)",
@@ -60,10 +60,7 @@ def best_groups(runs: Path, task: str, suffix: str = "") -> dict[str, list[Job]]
         if not tuned:
             continue
         best = max(tuned, key=lambda j: score(j, task))
-        same = [j for j in jobs if {k: v for k, v in setting(j).items() if k != "trainer.seed"}
-                == {k: v for k, v in setting(best).items() if k != "trainer.seed"}
-                and j.config.get("model", {}).get("d_model") == best.config.get("model", {}).get("d_model")]
-        finished = [j for j in same if j.summary is not None]
+        finished = [j for j in jobs if j.summary is not None and same_setting(j, best)]
         if finished:
             groups[_key(best, optim)] = finished
     return groups
