@@ -42,7 +42,7 @@ from .batching import shard
 from .builtin import write_builtin_jsonl
 from .config import as_config, resolve_path
 from .corpus import (SPLITS, DataError, carve, carve_missing_splits, column_as_list, iter_lines,
-                     load_hub_dataset, load_jsonl_splits, normalize_text, quiet_datasets)
+                     load_hub_dataset, read_jsonl_splits, normalize_text, quiet_datasets)
 from .files import write_then_rename
 from .tokenizer import Tokenizer, train_or_load_tokenizer
 from .translation import BUILTIN_DATA_SEED
@@ -220,7 +220,7 @@ def _texts(dataset, column: str = "text") -> list[str]:
 def _read_builtin(cfg: LMDataConfig, cache_dir: str) -> tuple[dict[str, list[str]], list[str]]:
     paths = write_builtin_jsonl(cache_dir, cfg.num_train, cfg.num_valid, cfg.num_test,
                                 BUILTIN_DATA_SEED)
-    pairs = load_jsonl_splits(paths, os.path.join(cache_dir, "hf"))
+    pairs = read_jsonl_splits(paths)
     docs = {split: [line for pair in zip(*pairs[split]) for line in pair] for split in SPLITS}
     # Tokenizer text in the translation task's order (sources then targets): same hash,
     # so a machine that trained the translation tokenizer reuses its cached model.

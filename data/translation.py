@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from .batching import Batch, bucket_indices, collate, example_cost, shard
 from .config import as_config, resolve_path
-from .corpus import (SPLITS, DataError, drop_empty_pairs, load_jsonl_splits, load_wmt14,
+from .corpus import (SPLITS, DataError, drop_empty_pairs, read_jsonl_splits, load_wmt14,
                      read_local_corpus)
 from .builtin import GENERATORS, write_builtin_jsonl
 from .tokenizer import Tokenizer, train_or_load_tokenizer
@@ -98,7 +98,7 @@ def _read_corpus(cfg: DataConfig, cache_dir: str) -> dict[str, tuple[list[str], 
                             f"{cfg.source_lang!r}, data.target_lang={cfg.target_lang!r}")
         paths = write_builtin_jsonl(cache_dir, cfg.num_train, cfg.num_valid, cfg.num_test,
                                     BUILTIN_DATA_SEED, cfg.name)
-        return load_jsonl_splits(paths, hf_cache)
+        return read_jsonl_splits(paths)
     if cfg.name in ("wmt14_en_fr", "wmt14_en_de"):
         pair = "fr-en" if cfg.name == "wmt14_en_fr" else "de-en"
         return load_wmt14(pair, cfg.source_lang, cfg.target_lang, hf_cache)

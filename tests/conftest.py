@@ -4,6 +4,18 @@ are in tests/sm3/."""
 
 from __future__ import annotations
 
+import os
+
+# pytest-xdist (`-n auto` in pyproject.toml) runs one worker per core: each worker, and every train.py,
+# torchrun or interpreter it launches, gets its share of the cores, not all of them (two workers with
+# 2 OpenMP threads each on 2 cores slow each other down many times over).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(_threads)
+    import torch
+
+    torch.set_num_threads(_threads)
+
 import json
 import subprocess
 import sys

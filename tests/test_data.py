@@ -4,6 +4,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import tempfile
 
 import pytest
@@ -14,7 +15,7 @@ from omegaconf import OmegaConf
 
 from data import Batch, DataConfig, DataError, LMDataConfig, load_lm_data, load_translation_data
 from data.builtin import write_builtin_jsonl
-from data.corpus import read_local_corpus
+from data.corpus import normalize_text, read_jsonl_splits, read_local_corpus
 from data.synthetic import (english_number, english_ordinal_suffix, english_ordinal_words,
                             french_number, generate_pairs, generate_splits)
 from tests.helpers_data import (count_tokenizer_trainings, fake_hub, local_lm_config,
@@ -100,6 +101,32 @@ def test_builtin_files_written_once(tmp_path):
     with open(paths["train"], encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
     assert len(records) == 50 and all(set(r) == {"source", "target"} for r in records)
+
+
+def test_builtin_files_read_back_as_datasets_reads_them(tmp_path):
+    """The built-in corpora skip `datasets` (its import is ~2 s of every start) and read what its JSON
+    loader reads, whitespace normalised."""
+    import datasets
+
+    paths = write_builtin_jsonl(tmp_path, 300, 20, 20, seed=0, name="builtin_sentences")
+    loaded = datasets.load_dataset("json", data_files=paths, cache_dir=str(tmp_path / "hf"))
+    read = read_jsonl_splits(paths)
+    for split in paths:
+        assert read[split] == ([normalize_text(t) for t in loaded[split]["source"]],
+                               [normalize_text(t) for t in loaded[split]["target"]])
+
+
+@pytest.mark.parametrize("load", ["translation", "language modelling"])
+def test_builtin_data_loads_without_datasets(tmp_path, monkeypatch, load):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # any `import datasets` now fails
+    if load == "translation":
+        data = load_translation_data(DataConfig(num_train=100, num_valid=10, num_test=10, vocab_size=100,
+                                                cache_dir=str(tmp_path)), seed=0)
+        assert len(data.sources["train"]) == 100
+    else:
+        data = load_lm_data(LMDataConfig(num_train=100, num_valid=10, num_test=10, vocab_size=100,
+                                         cache_dir=str(tmp_path)), seed=0)
+        assert data.num_documents["train"] == 200
 
 
 # --------------------------------------------------------------------------- builtin load

@@ -15,7 +15,9 @@ from omegaconf import OmegaConf
 
 from trainer.checkpoint import Checkpointer, CheckpointError, UnsafeCheckpointError, latest_checkpoint, step_dirs
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
+# One pytest-xdist worker runs the module, so its runs (four launches of train.py) happen once.
+pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed"),
+              pytest.mark.xdist_group("test_fsdp_train")]
 
 # tests/test_ddp.py's settings, plus gradient clipping (the norm must cover every rank's shards), Polyak
 # averaging (the averaged copy is sharded too) and an evaluation during training (every rank takes part)

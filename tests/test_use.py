@@ -12,6 +12,9 @@ from scripts import sample, translate
 from trainer.checkpoint import read_checkpoint
 from trainer.trained import load_trained
 
+# Under pytest-xdist the module's tests share one worker, so each trained run is trained once.
+pytestmark = pytest.mark.xdist_group("test_use")
+
 LM_STEPS, MT_STEPS = ["trainer.max_steps=4"], ["trainer.max_steps=3"]
 
 
