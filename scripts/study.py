@@ -10,7 +10,9 @@ every optimizer's best setting run at 4x the steps and at equal wall time.
 The parts and their protocol are in scripts/study_protocol.py (PROTOCOL), which the report quotes.
 Runs live under multirun/study/<task>_<optim>[_<part>]/ (Hydra multiruns of train.py; a finished run is
 never redone, so an interrupted study continues where it stopped); the report goes to docs/study/.
-Every phase's wall time is written to multirun/study/timings.json.
+Every phase's wall time is written to multirun/study/timings.json. After tuning, two parts run side by side
+(`--lanes 2`, the default), each run on one of a 2-core machine's cores (its output in multirun/study/logs/);
+`--lanes 1` runs one part at a time on every core.
 """
 
 from __future__ import annotations
@@ -18,10 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scripts.compare import Job, find_jobs, mean_std
@@ -33,6 +38,8 @@ RUNS = ROOT / "multirun" / "study"
 BEST = ROOT / "docs" / "study" / "best.json"  # tune's best settings, where the other parts start
 EXTRA: list[str] = []  # overrides added to every run (--extra: smoke tests)
 PARTS = ("tune", "momentum", "beta", "long", "equal-time")
+THREADS: int | None = None  # each launch's OpenMP threads when parts run side by side (None: torch's default)
+_TIMINGS = threading.Lock()
 
 
 def sweep_dir(task: str, optim: str, suffix: str = "") -> Path:
@@ -48,7 +55,15 @@ def launch(task: str, optim: str, overrides: list[str], suffix: str = "") -> Non
     RUNS.mkdir(parents=True, exist_ok=True)
     with open(RUNS / "commands.log", "a") as f:  # the report lists every launch, in order
         f.write(line + "\n")
-    subprocess.run(command, cwd=ROOT, check=False)  # a failed job is recorded; the sweep goes on
+    if THREADS is None:
+        subprocess.run(command, cwd=ROOT, check=False)  # a failed job is recorded; the sweep goes on
+        return
+    # Side by side with another part: a share of the cores, and its own log (two runs' progress would interleave).
+    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+    log = RUNS / "logs" / f"{sweep_dir(task, optim, suffix).name}.log"
+    log.parent.mkdir(exist_ok=True)
+    with open(log, "a") as f:
+        subprocess.run(command, cwd=ROOT, check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
 
 
 def jobs_of(task: str, optim: str, suffix: str = "") -> list[Job]:
@@ -299,35 +314,48 @@ def timed(name: str, fn, *args) -> None:
     """Run a phase and add its wall time to timings.json (read again first: two study processes may share it)."""
     start = time.time()
     fn(*args)
-    path = RUNS / "timings.json"
-    timings = json.loads(path.read_text()) if path.exists() else {}
-    timings[name] = timings.get(name, 0.0) + time.time() - start
-    RUNS.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(timings, indent=2))
+    with _TIMINGS:
+        path = RUNS / "timings.json"
+        timings = json.loads(path.read_text()) if path.exists() else {}
+        timings[name] = timings.get(name, 0.0) + time.time() - start
+        RUNS.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(timings, indent=2))
 
 
-def run_study(tasks: list[str], parts: list[str]) -> None:
-    """The parts in order of cost, the cheap ones first, so that a study stopped early has the most parts."""
-    if "tune" in parts:
-        for task in tasks:
-            for optim in OPTIMIZERS:
-                timed(f"{task} tune {optim}", tune, task, optim)
-            timed(f"{task} warm-up sm3", warmups, task)
-            for optim in OPTIMIZERS:
-                timed(f"{task} seeds {optim}", seeds, task, optim)
-            if task == "mt":
-                timed(f"{task} equal memory", equal_memory, task)
-            write_best(task)
-    if "momentum" in parts and "mt" in tasks:
-        timed("mt momentum", momentum, "mt")
-    if "lm" in tasks:
-        for part, fn in (("long", long), ("beta", betas)):
-            if part in parts:
-                timed(f"lm {part}", fn, "lm")
-    if "mt" in tasks:
-        for part, fn in (("beta", betas), ("equal-time", equal_time), ("long", long)):
-            if part in parts:
-                timed(f"mt {part}", fn, "mt")
+def tune_task(task: str) -> None:
+    for optim in OPTIMIZERS:
+        timed(f"{task} tune {optim}", tune, task, optim)
+    timed(f"{task} warm-up sm3", warmups, task)
+    for optim in OPTIMIZERS:
+        timed(f"{task} seeds {optim}", seeds, task, optim)
+    if task == "mt":
+        timed(f"{task} equal memory", equal_memory, task)
+    write_best(task)
+
+
+# The parts after tuning, the longest first, so that side-by-side lanes finish close together.
+LATER = (("mt", "long", long), ("lm", "long", long), ("mt", "beta", betas), ("mt", "equal-time", equal_time),
+         ("lm", "beta", betas), ("mt", "momentum", momentum))
+
+
+def run_study(tasks: list[str], parts: list[str], lanes: int = 1) -> None:
+    """Tuning first (every other part starts from its best settings), then the other parts; ``lanes`` phases
+    run side by side, each launch with ``1/lanes`` of the cores (tiny models use two one-thread runs better
+    than one two-thread run)."""
+    global THREADS
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    THREADS = max(1, cores // lanes) if lanes > 1 else None
+    if THREADS is not None:
+        import torch
+
+        torch.set_num_threads(THREADS)  # equal-time measures seconds a step in this process
+    stages = [[(tune_task, task) for task in tasks if "tune" in parts],  # tune_task times each of its phases
+              [(timed, f"{task} {part}", fn, task) for task, part, fn in (LATER if lanes > 1 else LATER[::-1])
+               if task in tasks and part in parts]]  # one lane: the cheap parts first, as a stopped study has most
+    for stage in stages:
+        with ThreadPoolExecutor(max_workers=lanes) as pool:
+            for future in [pool.submit(*phase) for phase in stage]:
+                future.result()
 
 
 def main() -> None:
@@ -339,11 +367,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "study")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the runs go (default multirun/study)")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (smoke tests)")
+    parser.add_argument("--lanes", type=int, default=2, help="parts run side by side (default 2: one per core of "
+                        "a 2-core machine; each run gets cores/lanes threads, its output in multirun/study/logs/)")
     args = parser.parse_args()
     RUNS, BEST = args.runs.resolve(), args.out.resolve() / "best.json"
     EXTRA[:] = args.extra
     if not args.report:
-        run_study(args.tasks, args.part)
+        run_study(args.tasks, args.part, max(1, args.lanes))
     from scripts.study_report import write_report
 
     print(f"report: {write_report(RUNS, args.out)}")

@@ -3,9 +3,12 @@ the same kind of grid, and the protocol extends a grid whose best value sits at 
 
 import json
 import math
+import os
+import threading
 from pathlib import Path
 
 import pytest
+import torch
 from omegaconf import OmegaConf
 
 from scripts import study
@@ -176,3 +179,26 @@ def test_momentum_paths_agree_on_the_study_models_gradients(cache_dir):
     assert result["parameters"] > 1_000_000
     assert result["fused_vs_default"] < 1e-5 and result["fused_vs_reference"] < 1e-5
     assert result["default_vs_reference"] < 1e-5
+
+
+def test_two_lanes_run_the_later_parts_side_by_side_on_a_share_of_the_cores(tmp_path, monkeypatch):
+    """--lanes 2: two parts at once (each waits for the other at a barrier, which fails if they run one
+    after the other), every phase timed, and each launch given half the cores and its own log."""
+    monkeypatch.setattr(study, "RUNS", tmp_path)
+    monkeypatch.setattr(study, "THREADS", None)  # run_study sets it; restored afterwards
+    meet = threading.Barrier(2, timeout=10)
+    ran = []
+    monkeypatch.setattr(study, "LATER", tuple((task, part, lambda task, part=part: (meet.wait(), ran.append(part)))
+                                              for task, part in (("mt", "long"), ("lm", "long"))))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    study.run_study(["mt", "lm"], ["long"], lanes=2)
+    assert sorted(ran) == ["long", "long"] and study.THREADS == 1
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"mt long", "lm long"}
+
+    calls = []
+    monkeypatch.setattr(study.subprocess, "run", lambda command, **kw: calls.append((command, kw)))
+    study.launch("mt", "sm3", ["optim.lr=0.1"], suffix="_long")
+    (command, kw), = calls
+    assert kw["env"]["OMP_NUM_THREADS"] == "1" and kw["stdout"].name == str(tmp_path / "logs" / "mt_sm3_long.log")
+    assert "optim.lr=0.1" in command and (tmp_path / "commands.log").read_text().count("optim.lr=0.1") == 1
