@@ -253,17 +253,17 @@ def betas(task: str) -> None:
             launch(task, "sm3", overrides_of(best, "sm3") + [_values("trainer.seed", SEEDS)], suffix="_beta")
 
 
-def long(task: str) -> None:
+def long(task: str, optims: tuple[str, ...] = OPTIMIZERS) -> None:
     """HORIZON times the steps: each optimizer at its tuned learning rate (seed 0), then at 2x each side, then
     each one's best with seeds; every optimizer's run of a phase before the next phase, so that a study stopped
     half-way has compared them all."""
-    tuned = {optim: best_overrides(task, optim) for optim in OPTIMIZERS}
+    tuned = {optim: best_overrides(task, optim) for optim in optims}
     for factors in ((1,), (0.5, 2)):
         for optim, overrides in tuned.items():
             lr = _lr(overrides)
             launch(task, optim, _without(overrides, "optim.lr") + horizon(task) +
                    [_values("optim.lr", [lr * f for f in factors])], suffix="_long")
-    for optim in OPTIMIZERS:
+    for optim in optims:
         best = best_job(task, optim, suffix="_long")
         if best is not None:
             launch(task, optim, overrides_of(best, optim) + horizon(task) + [_values("trainer.seed", SEEDS)],
@@ -333,9 +333,11 @@ def tune_task(task: str) -> None:
     write_best(task)
 
 
-# The parts after tuning, the longest first, so that side-by-side lanes finish close together.
-LATER = (("mt", "long", long), ("lm", "long", long), ("mt", "beta", betas), ("mt", "equal-time", equal_time),
-         ("lm", "beta", betas), ("mt", "momentum", momentum))
+# The parts after tuning, the longest first (the long part in two halves), so that side-by-side lanes finish
+# close together.
+HALVES = (OPTIMIZERS[:2], OPTIMIZERS[2:])
+LATER = tuple((task, "long", long, half) for task in TASKS for half in HALVES) + (
+    ("mt", "beta", betas), ("mt", "equal-time", equal_time), ("lm", "beta", betas), ("mt", "momentum", momentum))
 
 
 def run_study(tasks: list[str], parts: list[str], lanes: int = 1) -> None:
@@ -350,8 +352,8 @@ def run_study(tasks: list[str], parts: list[str], lanes: int = 1) -> None:
 
         torch.set_num_threads(THREADS)  # equal-time measures seconds a step in this process
     stages = [[(tune_task, task) for task in tasks if "tune" in parts],  # tune_task times each of its phases
-              [(timed, f"{task} {part}", fn, task) for task, part, fn in (LATER if lanes > 1 else LATER[::-1])
-               if task in tasks and part in parts]]  # one lane: the cheap parts first, as a stopped study has most
+              [(timed, f"{task} {part}" + "".join(f" {'+'.join(a)}" for a in args), fn, task, *args)
+               for task, part, fn, *args in (LATER if lanes > 1 else LATER[::-1]) if task in tasks and part in parts]]  # one lane: the cheap parts first, as a stopped study has most
     for stage in stages:
         with ThreadPoolExecutor(max_workers=lanes) as pool:
             for future in [pool.submit(*phase) for phase in stage]:

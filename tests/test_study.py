@@ -202,3 +202,16 @@ def test_two_lanes_run_the_later_parts_side_by_side_on_a_share_of_the_cores(tmp_
     (command, kw), = calls
     assert kw["env"]["OMP_NUM_THREADS"] == "1" and kw["stdout"].name == str(tmp_path / "logs" / "mt_sm3_long.log")
     assert "optim.lr=0.1" in command and (tmp_path / "commands.log").read_text().count("optim.lr=0.1") == 1
+
+
+
+def test_the_long_part_is_two_halves_of_the_optimizers_so_two_lanes_share_it(tmp_path, monkeypatch):
+    """Two lanes split the longest part: the task's long phases cover every optimizer once, in two phases."""
+    _fake_train(monkeypatch, tmp_path, lambda lr, m: 50.0, BEST)
+    fake, optims = study.launch, []
+    monkeypatch.setattr(study, "launch", lambda task, optim, *a, **k: (optims.append(optim), fake(task, optim, *a, **k)))
+    monkeypatch.setattr(study, "LATER", tuple(p for p in study.LATER if p[1] == "long"))
+    study.run_study(["mt"], ["long"], lanes=2)
+    assert sorted(set(optims)) == sorted(study.OPTIMIZERS) and len(optims) == 3 * len(study.OPTIMIZERS)
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {"mt long adam+adagrad",
+                                                                         "mt long adafactor+sm3"}
