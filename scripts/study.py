@@ -4,15 +4,17 @@ every optimizer's best setting run at 4x the steps and at equal wall time.
 
     uv run python scripts/study.py                      # every part, then the report
     uv run python scripts/study.py --part long beta     # some parts (from best.json when tune's runs are absent)
-    uv run python scripts/study.py --report             # only the report, from the runs already there
+    uv run python scripts/study.py --report             # only the report, from the runs' records
     uv run python scripts/study.py --tasks lm           # one task
 
 The parts and their protocol are in scripts/study_protocol.py (PROTOCOL), which the report quotes.
 Runs live under multirun/study/<task>_<optim>[_<part>]/ (Hydra multiruns of train.py; a finished run is
-never redone, so an interrupted study continues where it stopped); the report goes to docs/study/.
-Every phase's wall time is written to multirun/study/timings.json. After tuning, two parts run side by side
-(`--lanes 2`, the default), each run on one of a 2-core machine's cores (its output in multirun/study/logs/);
-`--lanes 1` runs one part at a time on every core.
+never redone, so an interrupted study continues where it stopped). Each finished run's record (config,
+summary, metrics; not its checkpoints) is copied to docs/study/runs/, with the plans, every phase's wall
+time (timings.json) and every launch (commands.log): the report is drawn from there, a page per part and
+task, so the evidence outlives the machine and a page of a part not rerun is kept. After tuning, two parts
+run side by side (`--lanes 2`, the default), each run on one of a 2-core machine's cores (its output in
+multirun/study/logs/); `--lanes 1` runs one part at a time on every core.
 """
 
 from __future__ import annotations
@@ -30,16 +32,18 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scripts.compare import Job, find_jobs, mean_std
+from scripts.study_report import archive, write_report
 from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_WARMUP, HORIZON, KIND,
                                     MAX_EXTENSIONS, MOMENTUM_WARMUPS, OPTIMIZERS, ROOT, SEEDS, STEPS, TASKS,
                                     WARMUPS, WIDTHS, footprint, grid, same_setting, score, setting)
 
 RUNS = ROOT / "multirun" / "study"
+RECORD = ROOT / "docs" / "study" / "runs"  # committed: each finished run's record, plans, phase times, launches
 BEST = ROOT / "docs" / "study" / "best.json"  # tune's best settings, where the other parts start
 EXTRA: list[str] = []  # overrides added to every run (--extra: smoke tests)
 PARTS = ("tune", "momentum", "beta", "long", "equal-time")
 THREADS: int | None = None  # each launch's OpenMP threads when parts run side by side (None: torch's default)
-_TIMINGS = threading.Lock()
+_RECORD = threading.Lock()  # two lanes write the record
 
 
 def sweep_dir(task: str, optim: str, suffix: str = "") -> Path:
@@ -52,18 +56,20 @@ def launch(task: str, optim: str, overrides: list[str], suffix: str = "") -> Non
                f"hydra.sweep.dir={sweep_dir(task, optim, suffix)}", *overrides, *EXTRA]
     line = " ".join(command[1:]).replace(str(ROOT) + "/", "")
     print("+", line, flush=True)
-    RUNS.mkdir(parents=True, exist_ok=True)
-    with open(RUNS / "commands.log", "a") as f:  # the report lists every launch, in order
-        f.write(line + "\n")
+    with _RECORD:
+        RECORD.mkdir(parents=True, exist_ok=True)
+        with open(RECORD / "commands.log", "a") as f:  # the report lists every launch, in order
+            f.write(line + "\n")
     if THREADS is None:
         subprocess.run(command, cwd=ROOT, check=False)  # a failed job is recorded; the sweep goes on
-        return
-    # Side by side with another part: a share of the cores, and its own log (two runs' progress would interleave).
-    env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
-    log = RUNS / "logs" / f"{sweep_dir(task, optim, suffix).name}.log"
-    log.parent.mkdir(exist_ok=True)
-    with open(log, "a") as f:
-        subprocess.run(command, cwd=ROOT, check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
+    else:  # side by side with another part: a share of the cores, and its own log (progress would interleave)
+        env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
+        log = RUNS / "logs" / f"{sweep_dir(task, optim, suffix).name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            subprocess.run(command, cwd=ROOT, check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
+    with _RECORD:
+        archive(RUNS, RECORD)
 
 
 def jobs_of(task: str, optim: str, suffix: str = "") -> list[Job]:
@@ -206,8 +212,8 @@ def equal_memory(task: str = "mt") -> dict:
     for optim in EQUAL_MEMORY:
         launch(task, optim, plan[optim]["overrides"] + _width(plan[optim]["d_model"]) + ["trainer.seed=0,1,2"],
                suffix="_equal_memory")
-    RUNS.mkdir(parents=True, exist_ok=True)
-    (RUNS / f"{task}_equal_memory.json").write_text(json.dumps(plan, indent=2))
+    RECORD.mkdir(parents=True, exist_ok=True)
+    (RECORD / f"{task}_equal_memory.json").write_text(json.dumps(plan, indent=2))
     return plan
 
 
@@ -216,8 +222,8 @@ def momentum(task: str = "mt") -> None:
     with longer warm-ups, and the best of those at HORIZON times the steps."""
     from scripts import study_momentum
 
-    if not (RUNS / "momentum.json").exists():
-        study_momentum.run(RUNS / "momentum.json")
+    if not (RECORD / "momentum.json").exists():
+        study_momentum.run(RECORD / "momentum.json")
     tuned = best_overrides(task, "sm3", 0.9)
     lr, fixed = _lr(tuned), _without(tuned, "optim.lr", "schedule.warmup_fraction")
     launch(task, "sm3", fixed + [_values("optim.lr", (lr, 2 * lr)),
@@ -291,7 +297,7 @@ def seconds_per_step(task: str, plan: dict, rounds: int = 5, steps: int = 4) -> 
 def equal_time(task: str = "mt") -> dict:
     """Adam at width 128 and each EQUAL_MEMORY optimizer at its equal-memory width, the same training time:
     ``STEPS * t_adam / t_optim`` steps each, with seeds 0, 1, 2; the plan goes to equal_time.json."""
-    path = RUNS / f"{task}_equal_time.json"
+    path = RECORD / f"{task}_equal_time.json"
     if path.exists():  # the step counts were measured once: a continued study keeps them
         plan = json.loads(path.read_text())
     else:
@@ -300,7 +306,7 @@ def equal_time(task: str = "mt") -> dict:
         seconds = seconds_per_step(task, plan)
         for optim, t in seconds.items():
             plan[optim].update(seconds_per_step=t, steps=round(STEPS[task] * seconds["adam"] / t))
-        RUNS.mkdir(parents=True, exist_ok=True)
+        RECORD.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(plan, indent=2))
     for optim in ("adam", *EQUAL_MEMORY):
         entry = plan[optim]
@@ -311,14 +317,14 @@ def equal_time(task: str = "mt") -> dict:
 
 
 def timed(name: str, fn, *args) -> None:
-    """Run a phase and add its wall time to timings.json (read again first: two study processes may share it)."""
+    """Run a phase and add its wall time to the record's timings.json (summed over the sessions that ran it)."""
     start = time.time()
     fn(*args)
-    with _TIMINGS:
-        path = RUNS / "timings.json"
+    with _RECORD:
+        path = RECORD / "timings.json"
         timings = json.loads(path.read_text()) if path.exists() else {}
         timings[name] = timings.get(name, 0.0) + time.time() - start
-        RUNS.mkdir(parents=True, exist_ok=True)
+        RECORD.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(timings, indent=2))
 
 
@@ -365,20 +371,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS), help="parts to run (default all)")
-    parser.add_argument("--report", action="store_true", help="only write the report from existing runs")
+    parser.add_argument("--report", action="store_true", help="only redraw the report from the runs' records")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "study")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the runs go (default multirun/study)")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (smoke tests)")
     parser.add_argument("--lanes", type=int, default=2, help="parts run side by side (default 2: one per core of "
                         "a 2-core machine; each run gets cores/lanes threads, its output in multirun/study/logs/)")
     args = parser.parse_args()
-    RUNS, BEST = args.runs.resolve(), args.out.resolve() / "best.json"
+    RUNS, RECORD, BEST = args.runs.resolve(), args.out.resolve() / "runs", args.out.resolve() / "best.json"
     EXTRA[:] = args.extra
     if not args.report:
         run_study(args.tasks, args.part, max(1, args.lanes))
-    from scripts.study_report import write_report
-
-    print(f"report: {write_report(RUNS, args.out)}")
+    if RUNS.is_dir():
+        archive(RUNS, RECORD)
+    print(f"report: {write_report(RECORD, args.out)}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 from scripts.compare import Job, _save, draw_seed_bands, find_jobs, fmt_mean_std, mean_std, seeds_table
@@ -333,10 +334,10 @@ def equal_time_section(runs: Path, out: Path, task: str = "mt") -> list[str]:
     return lines
 
 
-def _cpus(runs: Path) -> list[str]:
-    """The CPUs the runs' summaries name (summary.json's ``cpu``)."""
+def _cpus(runs: Path, sweeps: tuple[str, ...] = ("*",)) -> list[str]:
+    """The CPUs the summaries of these sweeps' runs name (summary.json's ``cpu``)."""
     names = set()
-    for summary in runs.glob("*/*/summary.json"):
+    for summary in (s for pattern in sweeps for s in runs.glob(f"{pattern}/*/summary.json")):
         try:
             names.add(json.loads(summary.read_text()).get("cpu"))
         except (OSError, ValueError):
@@ -344,47 +345,89 @@ def _cpus(runs: Path) -> list[str]:
     return sorted(n for n in names if n)
 
 
+KEPT = ("config.yaml", "summary.json", "metrics.jsonl")  # a run's record; its checkpoints stay behind
+
+
+def archive(runs: Path, record: Path) -> int:
+    """Copy every finished run under ``runs`` (its config, summary and metrics) to ``record``, the committed
+    copy the report is drawn from (docs/study/runs/); returns how many runs it holds of ``runs``."""
+    copied = 0
+    for summary in sorted(runs.glob("*/*/summary.json")):
+        job = summary.parent
+        target = record / job.parent.name / job.name
+        target.mkdir(parents=True, exist_ok=True)
+        for name in KEPT:
+            if (job / name).exists():
+                shutil.copyfile(job / name, target / name)
+        copied += 1
+    return copied
+
+
+def _tune_section(runs: Path, out: Path, task: str) -> list[str]:
+    if not any((runs / f"{task}_{o}").is_dir() for o in OPTIMIZERS):
+        return []
+    metric = METRIC[task][0]
+    name = METRIC_NAME[metric]
+    groups = best_groups(runs, task)
+    lines = ["### Best setting of each optimizer, over seeds (mean ± std)", "", seeds_table(groups, metric, name),
+             "### Tuning (seed 0)", "", tuning_table(runs, task)]
+    _image(lines, draw_lr(runs, task, out / f"{task}_lr.png"))
+    _image(lines, draw_seed_bands(groups, metric, name, out / f"{task}_valid.png"))
+    _image(lines, draw_seed_bands(groups, metric, name, out / f"{task}_valid_time.png", x="train_seconds"))
+    if task == "mt":
+        section = equal_memory_section(runs, out, task)
+        if section:
+            lines += ["### Equal memory", "", *section]
+    return lines
+
+
+# Each part's page, per task: (file stem, title, the globs of the sweeps it draws, its section's lines).
+PAGES = (("tune", "Tuning, seeds and equal memory", lambda task: [*(f"{task}_{o}" for o in OPTIMIZERS),
+                                                                  f"{task}_*_equal_memory"],
+          lambda runs, out, task, best: _tune_section(runs, out, task)),
+         ("momentum", "Momentum", lambda task: ["mt_sm3_momentum"],
+          lambda runs, out, task, best: momentum_section(runs, out) if task == "mt" else []),
+         ("beta", "SM3's beta", lambda task: [f"{task}_sm3_beta"],
+          lambda runs, out, task, best: beta_section(runs, out, task)),
+         ("long", f"{HORIZON}x the steps", lambda task: [f"{task}_*_long"],
+          lambda runs, out, task, best: long_section(runs, out, task, best)),
+         ("equal_time", "Equal memory at equal wall time", lambda task: ["mt_*_equal_time"],
+          lambda runs, out, task, best: equal_time_section(runs, out) if task == "mt" else []))
+
+
 def write_report(runs: Path, out: Path) -> Path:
+    """A page per part and task whose runs are in ``runs`` (a page of a part with no runs here is kept as it
+    is: an earlier session drew it), and README.md: the protocol, every page, the phase times, the launches."""
     out.mkdir(parents=True, exist_ok=True)
     best_path = out / "best.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {}
-    cpus = _cpus(runs)
-    lines = ["# The study: SM3 against Adam, Adagrad and Adafactor", "",
-             "Written by `scripts/study_report.py` from the runs of `scripts/study.py`; what they show is in "
-             "[findings.md](findings.md). Runs on " + (", ".join(f"`{c}`" for c in cpus) or "this CPU") +
-             ", float32. Rerun everything: `uv run python scripts/study.py`; one part: `--part NAME`; redraw this "
-             "page from the runs: `uv run python scripts/study.py --report`.", "", PROTOCOL, ""]
     for task in TASKS:
-        if any((runs / f"{task}_{o}").is_dir() for o in OPTIMIZERS):
-            metric = METRIC[task][0]
-            name = METRIC_NAME[metric]
-            groups = best_groups(runs, task)
-            lines += [f"## {TASK_TITLE[task]}", "", "### Best setting of each optimizer, over seeds (mean ± std)", "",
-                      seeds_table(groups, metric, name), "### Tuning (seed 0)", "", tuning_table(runs, task)]
-            for file in (draw_lr(runs, task, out / f"{task}_lr.png").name,
-                         draw_seed_bands(groups, metric, name, out / f"{task}_valid.png").name,
-                         draw_seed_bands(groups, metric, name, out / f"{task}_valid_time.png", x="train_seconds").name):
-                lines += [f"![{file}]({file})", ""]
-            if task == "mt":
-                section = equal_memory_section(runs, out, task)
-                if section:
-                    lines += ["### Equal memory", "", *section]
-        elif best.get(task):
-            lines += [f"## {TASK_TITLE[task]}", "", "The tune part's runs are not here: the settings the other parts "
-                      "start from are in `best.json` (its `source` says where they come from), the tuning's tables "
-                      "in [tune_600.md](tune_600.md).", ""]
-        for title, section in (("Momentum", momentum_section(runs, out) if task == "mt" else []),
-                               ("SM3's beta", beta_section(runs, out, task)),
-                               (f"{HORIZON}x the steps", long_section(runs, out, task, best)),
-                               ("Equal memory at equal wall time", equal_time_section(runs, out) if task == "mt"
-                                else [])):
-            if section:
-                lines += [f"### {title} ({task})", "", *section]
+        for stem, title, sweeps, section in PAGES:
+            lines = section(runs, out, task, best)
+            if lines:
+                cpus = _cpus(runs, sweeps(task))
+                head = [f"# {title}: {TASK_TITLE[task]}", "",
+                        "Drawn by `scripts/study_report.py` from the runs in [runs/](runs/) (" +
+                        (", ".join(f"`{c}`" for c in cpus) or "CPU not recorded") + ", float32). The protocol: "
+                        "[README.md](README.md).", ""]
+                (out / f"{task}_{stem}.md").write_text("\n".join(head + lines))
+    lines = ["# The study: SM3 against Adam, Adagrad and Adafactor", "",
+             "What the runs show is in [findings.md](findings.md). Each part's tables and plots are on a page of its "
+             "own, drawn by `scripts/study_report.py` from the runs' records in [runs/](runs/) (their configs, "
+             "summaries and metrics; `scripts/study.py` copies each finished run there). Rerun everything: "
+             "`uv run python scripts/study.py`; one part: `--part NAME`; redraw the pages from the records: "
+             "`uv run python scripts/study.py --report`.", "", PROTOCOL, "", "## Pages", ""]
+    for task in TASKS:
+        for stem, title, _, _ in PAGES:
+            if (out / f"{task}_{stem}.md").exists():
+                lines.append(f"- [{task}: {title}]({task}_{stem}.md)")
+    lines.append("")
     timings = runs / "timings.json"
     if timings.exists():
         spent = json.loads(timings.read_text())
-        lines += ["## Time each phase took", "", "| phase | minutes |", "| --- | ---: |",
-                  *(f"| {k} | {v / 60:.1f} |" for k, v in spent.items()),
+        lines += ["## Time each phase took", "", "Wall minutes, summed over the sessions that ran the phase "
+                  "(`timings.json`); with two lanes, two phases ran at once.", "", "| phase | minutes |",
+                  "| --- | ---: |", *(f"| {k} | {v / 60:.1f} |" for k, v in spent.items()),
                   f"| **all** | **{sum(spent.values()) / 60:.1f}** |", ""]
     commands = runs / "commands.log"
     if commands.exists():

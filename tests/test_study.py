@@ -4,6 +4,7 @@ the same kind of grid, and the protocol extends a grid whose best value sits at 
 import json
 import math
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -53,6 +54,7 @@ def _fake_train(monkeypatch, tmp_path, bleu_of, best: dict | None = None):
     """study.launch replaced by jobs that only write what a finished run writes, BLEU from
     ``bleu_of(lr, momentum, beta, steps)`` (or of its first two); ``best``: the best.json to start from."""
     monkeypatch.setattr(study, "RUNS", tmp_path)
+    monkeypatch.setattr(study, "RECORD", tmp_path)
     monkeypatch.setattr(study, "BEST", tmp_path / "best.json")
     if best is not None:
         (tmp_path / "best.json").write_text(json.dumps(best))
@@ -103,7 +105,10 @@ def test_long_runs_each_optimizer_around_its_tuned_lr_then_seeds_the_best(tmp_pa
     from scripts.study_report import write_report
 
     report = write_report(tmp_path, tmp_path).read_text()  # best.json, where write_report reads it, is there
-    assert "### 4x the steps (mt)" in report and "| adam | 50.00 ± 1.00 | 3 | 0.002, 0.004, 0.008 | 0.008 | 50.00 ± 0.00 | 3 |" in report
+    assert "(mt_long.md)" in report
+    page = (tmp_path / "mt_long.md").read_text()
+    assert page.startswith("# 4x the steps: Translation")
+    assert "| adam | 50.00 ± 1.00 | 3 | 0.002, 0.004, 0.008 | 0.008 | 50.00 ± 0.00 | 3 |" in page
 
 
 def test_beta_grid_goes_lower_while_the_lowest_lr_wins(tmp_path, monkeypatch):
@@ -161,12 +166,42 @@ def test_report_from_runs(tmp_path, monkeypatch):
         (job / "metrics.jsonl").write_text(json.dumps({"step": 600, "train_seconds": 60.0,
                                                        "valid_bleu_averaged": 1.0}) + "\n")
     report = write_report(tmp_path, tmp_path / "out").read_text()
-    assert "| `adam: lr 0.002, warm-up 0.05` | 3 |" in report  # the best setting, over 3 seeds
-    assert "| adam | lr 0.002, warm-up 0.05 | 50.00 | – | **best** |" in report
+    page = (tmp_path / "out" / "mt_tune.md").read_text()
+    assert "| `adam: lr 0.002, warm-up 0.05` | 3 |" in page  # the best setting, over 3 seeds
+    assert "| adam | lr 0.002, warm-up 0.05 | 50.00 | – | **best** |" in page
     for png in ("mt_lr.png", "mt_valid.png", "mt_valid_time.png"):
-        assert f"]({png})" in report and (tmp_path / "out" / png).stat().st_size > 10_000
-    assert "The protocol" in report and "lm" not in [line[3:5] for line in report.splitlines()
-                                                      if line.startswith("## ")]  # no LM runs, no LM section
+        assert f"]({png})" in page and (tmp_path / "out" / png).stat().st_size > 10_000
+    assert "The protocol" in report and "(mt_tune.md)" in report
+    assert not list((tmp_path / "out").glob("lm_*.md"))  # no LM runs, no LM page
+
+
+def test_runs_records_are_archived_and_the_report_is_drawn_from_them(tmp_path, monkeypatch):
+    """A finished run's config, summary and metrics (not its checkpoints) go to the record; the report drawn
+    from the record alone is the report of the runs; a page of a part not in the record is kept as it was."""
+    from scripts.study_report import archive, write_report
+
+    _fake_train(monkeypatch, tmp_path / "runs", lambda lr, m: 50 - 10 * abs(math.log2(lr / 2e-3)))
+    (tmp_path / "runs").mkdir()
+    study.tune("mt", "adam")
+    for job in (tmp_path / "runs" / "mt_adam").iterdir():
+        (job / "metrics.jsonl").write_text(json.dumps({"step": 600, "valid_bleu_averaged": 1.0}) + "\n")
+        (job / "checkpoints").mkdir()
+        (job / "checkpoints" / "step_600.pt").write_bytes(b"x" * 1000)
+    (job / "summary.json").unlink()  # an unfinished run is not archived
+    out = tmp_path / "docs"
+    (out / "lm_beta.md").parent.mkdir()
+    (out / "lm_beta.md").write_text("# SM3's beta: an earlier session's page\n")
+    assert archive(tmp_path / "runs", out / "runs") == 4
+    assert not list((out / "runs").rglob("checkpoints"))
+    assert sorted(p.name for p in next((out / "runs" / "mt_adam").iterdir()).iterdir()) == [
+        "config.yaml", "metrics.jsonl", "summary.json"]
+    write_report(out / "runs", out)
+    from_record = (out / "mt_tune.md").read_text()
+    shutil.rmtree(job)  # the unfinished run: the record has the finished ones
+    write_report(tmp_path / "runs", tmp_path / "direct")
+    assert from_record.split("\n", 4)[4] == (tmp_path / "direct" / "mt_tune.md").read_text().split("\n", 4)[4]
+    assert (out / "lm_beta.md").read_text() == "# SM3's beta: an earlier session's page\n"
+    assert "(lm_beta.md)" in (out / "README.md").read_text()
 
 
 @pytest.mark.slow
@@ -185,6 +220,7 @@ def test_two_lanes_run_the_later_parts_side_by_side_on_a_share_of_the_cores(tmp_
     """--lanes 2: two parts at once (each waits for the other at a barrier, which fails if they run one
     after the other), every phase timed, and each launch given half the cores and its own log."""
     monkeypatch.setattr(study, "RUNS", tmp_path)
+    monkeypatch.setattr(study, "RECORD", tmp_path)
     monkeypatch.setattr(study, "THREADS", None)  # run_study sets it; restored afterwards
     meet = threading.Barrier(2, timeout=10)
     ran = []
