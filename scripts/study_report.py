@@ -294,8 +294,8 @@ def long_section(runs: Path, out: Path, task: str, best: dict) -> list[str]:
                      fmt_mean_std([_value(j, metric, split="test") for j in group]), str(len(group))])
     if not groups:
         return []
-    lines = [f"The {STEPS[task]}-step column is the tuning study's (`tune_600.md`); every optimizer kept its "
-             f"warm-up fraction, so its warm-up is {HORIZON}x longer in steps.", "", _table(rows),
+    lines = [f"The {STEPS[task]}-step column is the tune page's ([{task}_tune.md]({task}_tune.md)); every "
+             f"optimizer kept its warm-up fraction, so its warm-up is {HORIZON}x longer in steps.", "", _table(rows),
              "Every run (the learning-rate check is seed 0):", ""]
     for optim in OPTIMIZERS:
         jobs = [j for j in checks if j.path.parent.name == f"{task}_{optim}_long"]
