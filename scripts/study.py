@@ -357,9 +357,10 @@ def run_study(tasks: list[str], parts: list[str], lanes: int = 1) -> None:
         import torch
 
         torch.set_num_threads(THREADS)  # equal-time measures seconds a step in this process
+    later = LATER if lanes > 1 else LATER[::-1]  # one lane: the cheap parts first, as a stopped study has most
     stages = [[(tune_task, task) for task in tasks if "tune" in parts],  # tune_task times each of its phases
-              [(timed, f"{task} {part}" + "".join(f" {'+'.join(a)}" for a in args), fn, task, *args)
-               for task, part, fn, *args in (LATER if lanes > 1 else LATER[::-1]) if task in tasks and part in parts]]  # one lane: the cheap parts first, as a stopped study has most
+              [(timed, " ".join([task, part, *("+".join(a) for a in args)]), fn, task, *args)
+               for task, part, fn, *args in later if task in tasks and part in parts]]
     for stage in stages:
         with ThreadPoolExecutor(max_workers=lanes) as pool:
             for future in [pool.submit(*phase) for phase in stage]:
