@@ -26,6 +26,7 @@ import math
 import os
 import re
 import resource
+import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -98,13 +99,14 @@ class StepResult:
 
 
 def fast_bf16(device: torch.device) -> bool:
-    """Whether ``auto`` turns bf16 autocast on: a CUDA device that supports it, or a CPU with AMX tiles (torch's
-    own check). AVX-512 BF16 without AMX also sped the base model up 2.6x here (docs/profile_cpu.md), but
-    ``auto`` leaves it to ``trainer.precision=bf16``: the tiny main job and the tests are float32 numbers."""
+    """Whether ``auto`` turns bf16 autocast on: a CUDA device that supports it, or a CPU with bf16 instructions
+    (AMX tiles or AVX-512 BF16; torch's own checks). On an AMD EPYC with AVX-512 BF16 and no AMX it took the
+    base model's step to 0.39x and the tiny one's to 0.82x of float32's (docs/profile_cpu.md, README); without
+    them bf16 is emulated and slower, so float32 stays."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private: absent from some torch builds
-    return device.type == "cpu" and amx is not None and bool(amx())
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
+    return device.type == "cpu" and any(check is not None and bool(check()) for check in checks)  # private: may be absent
 
 
 def autocast_context(precision: str, device: torch.device):
@@ -191,7 +193,8 @@ def set_up(cfg, run_dir: Path) -> Run:
     autocast = autocast_context(trainer.precision.value, device)
     if is_main_process():
         precision = "float32" if autocast is contextlib.nullcontext else "bf16 autocast"
-        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.optim.name.value}, "
+        print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.optim.name.value} "
+              f"lr {cfg.optim.lr:g}, "
               f"device {device} ({precision}{'' if device.type == 'cuda' else '; ' + cpu_description()}), "
               f"{world_size} process(es), run dir {run_dir}")
     return Run(cfg, task, model, net, averaged, optimizer, scheduler, device, rank, world_size, fsdp,
@@ -325,7 +328,7 @@ def progress_line(step: int, max_steps: int, loss: float, lr: float, tokens_per_
 def train_loop(run: Run, preemption: Preemption, started: float) -> None:
     """Steps until trainer.max_steps (or max_minutes, or a signal)."""
     trainer, state = run.cfg.trainer, run.state
-    batches, bad_in_a_row, first_step, paced_from = TrainBatches(run), 0, state.step, 0.0
+    batches, bad_in_a_row, first_step, paced = TrainBatches(run), 0, state.step, []
     window_tokens, window_seconds, resumed_seconds = 0, 0.0, state.train_seconds
     # A bar on a terminal (trainer.progress); elsewhere, or with progress off, a line per trainer.log_interval.
     show_bar = trainer.progress and sys.stderr.isatty()
@@ -345,10 +348,10 @@ def train_loop(run: Run, preemption: Preemption, started: float) -> None:
             state.train_seconds += seconds
             window_tokens, window_seconds = window_tokens + result.tokens, window_seconds + seconds
             bar.update(1)
-            if state.step == first_step + 1:  # the first step pays one-time costs (kernel builds, allocations)
-                paced_from = state.train_seconds
-            if run.is_main and state.step == first_step + 1 + PACE_STEPS:
-                bar.write(pace_report(run.cfg, state.step, (state.train_seconds - paced_from) / PACE_STEPS, started))
+            if first_step + 1 < state.step <= first_step + 1 + PACE_STEPS:  # the first pays one-time costs
+                paced.append(seconds)
+                if run.is_main and len(paced) == PACE_STEPS:  # the median: a new batch shape's slow step is no pace
+                    bar.write(pace_report(run.cfg, state.step, statistics.median(paced), started))
             if not result.finite:
                 check_divergence(run, result, bad_in_a_row, bar)
             elif state.step % trainer.log_interval == 0 or state.step == trainer.max_steps:

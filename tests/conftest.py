@@ -30,10 +30,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # The tiny translation run most command-line tests start from: a few seconds a step on 2 cores.
 TINY = ["model=transformer_tiny", "logger=none", "trainer.progress=false", "data.num_train=300",
         "data.num_valid=8", "data.num_test=8", "data.max_tokens=1024", "trainer.log_interval=1",
-        "trainer.eval_max_len=12", "schedule.warmup_steps=2"]
+        "trainer.eval_max_len=12", "schedule.warmup_steps=2", "trainer.precision=fp32"]  # same numbers on any CPU
 TINY_LM = ["model=transformer_lm_tiny", "data=builtin_lm", "logger=none", "trainer.progress=false",
            "data.num_train=200", "data.num_valid=10", "data.num_test=10", "data.seq_len=32", "data.max_tokens=256",
-           "trainer.eval_interval=3", "trainer.log_interval=1", "schedule.warmup_steps=2"]
+           "trainer.eval_interval=3", "trainer.log_interval=1", "schedule.warmup_steps=2", "trainer.precision=fp32"]
 
 config.register()
 

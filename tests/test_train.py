@@ -257,11 +257,13 @@ def test_a_run_logged_to_a_file_shows_its_progress(tmp_path, tiny, train_cli):
     assert "CUDA_HOME" not in text
 
 
-@pytest.mark.parametrize("amx, expected", [(True, torch.bfloat16), (False, torch.float32)])
-def test_precision_auto_picks_bf16_on_cpus_with_amx(monkeypatch, amx, expected):
+@pytest.mark.parametrize("amx, avx512_bf16, expected", [(True, False, torch.bfloat16), (False, True, torch.bfloat16),
+                                                       (False, False, torch.float32)])
+def test_precision_auto_picks_bf16_on_cpus_with_bf16_instructions(monkeypatch, amx, avx512_bf16, expected):
     import train
 
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     layer = torch.nn.Linear(8, 8)
     with train.autocast_context("auto", torch.device("cpu"))():
         assert layer(torch.randn(2, 8)).dtype == expected

@@ -5,6 +5,7 @@ YAML files in `conf/` only fill values: a misspelt key or a wrong type fails at 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -124,7 +125,7 @@ class TrainerConfig:
     max_minutes: Optional[float] = None  # stop early (and evaluate) after this wall time
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA that has it and on AMX CPUs, else fp32
+    precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA that has it and on CPUs with AMX or AVX-512 BF16, else fp32
     # CPU: treat denormal floats as zero. They appear as a model grows confident (tiny probabilities and
     # gradients) and slow x86 arithmetic: the tiny model's steps measured ~20% slower without this.
     flush_denormal: bool = True
@@ -166,6 +167,23 @@ class Config:
     experiment: Any = None
 
 
+# SM3's default lr by model width (conf/optim/sm3.yaml: ${sm3_lr:${model.d_model}}), measured on the built-in
+# translation data: at d_model 128 lr 0.1 is best (docs/study/mt_tune.md); at 512 lr 0.1 never leaves the
+# loss plateau while 0.01 reaches test BLEU 97 (docs/gpu_check.md). Between two measured widths the lr is
+# log-log interpolated; outside them it is the nearest one's. An explicit optim.lr=... replaces the rule.
+SM3_LR_BY_WIDTH = ((128, 0.1), (512, 0.01))
+
+
+def sm3_lr(d_model: int) -> float:
+    widths = SM3_LR_BY_WIDTH
+    if d_model <= widths[0][0]:
+        return widths[0][1]
+    for (d0, lr0), (d1, lr1) in zip(widths, widths[1:]):
+        if d_model <= d1:
+            return float(f"{lr0 * (lr1 / lr0) ** (math.log(d_model / d0) / math.log(d1 / d0)):.3g}")
+    return widths[-1][1]
+
+
 def register() -> None:
     cs = ConfigStore.instance()
     cs.store(name="config_schema", node=Config)
@@ -175,6 +193,7 @@ def register() -> None:
     cs.store(group="data", name="lm_data_schema", node=LMDataConfig)
     # hydra.output_subdir in conf/config.yaml: an evaluate-only run keeps the run's .hydra/ (its overrides,
     # which scripts/compare.py labels it by) as training wrote it.
+    OmegaConf.register_new_resolver("sm3_lr", sm3_lr, replace=True)
     OmegaConf.register_new_resolver("unless_eval_only", lambda eval_only, subdir: None if eval_only else subdir,
                                     replace=True)
 
