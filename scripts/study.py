@@ -12,9 +12,10 @@ Runs live under multirun/study/<task>_<optim>[_<part>]/ (Hydra multiruns of trai
 never redone, so an interrupted study continues where it stopped). Each finished run's record (config,
 summary, metrics; not its checkpoints) is copied to docs/study/runs/, with the plans, every phase's wall
 time (timings.json) and every launch (commands.log): the report is drawn from there, a page per part and
-task, so the evidence outlives the machine and a page of a part not rerun is kept. After tuning, two parts
-run side by side (`--lanes 2`, the default), each run on one of a 2-core machine's cores (its output in
-multirun/study/logs/); `--lanes 1` runs one part at a time on every core.
+task, so the evidence outlives the machine and a page of a part not rerun is kept. Phases run two at a time
+(`--lanes 2`, the default), each run on one of a 2-core machine's cores (its output in multirun/study/logs/):
+first the tuning, a phase per task and optimizer, then the other parts; `--lanes 1` runs one phase at a time
+on every core.
 """
 
 from __future__ import annotations
@@ -328,28 +329,33 @@ def timed(name: str, fn, *args) -> None:
         path.write_text(json.dumps(timings, indent=2))
 
 
-def tune_task(task: str) -> None:
-    for optim in OPTIMIZERS:
-        timed(f"{task} tune {optim}", tune, task, optim)
-    timed(f"{task} warm-up sm3", warmups, task)
-    for optim in OPTIMIZERS:
-        timed(f"{task} seeds {optim}", seeds, task, optim)
-    if task == "mt":
-        timed(f"{task} equal memory", equal_memory, task)
-    write_best(task)
+def tune_optimizer(task: str, optim: str) -> None:
+    """One optimizer's tuning phases: its grid (SM3: then its warm-ups), then its seeds."""
+    timed(f"{task} tune {optim}", tune, task, optim)
+    if optim == "sm3":
+        timed(f"{task} warm-up sm3", warmups, task)
+    timed(f"{task} seeds {optim}", seeds, task, optim)
 
 
+# Tuning, one phase per task and optimizer, the longest first (SM3's grid has two momenta), so that side-by-side
+# lanes take the next as each frees. Every later part starts from best.json, written once tuning is done.
+TUNING = tuple((task, optim) for task in TASKS for optim in ("sm3", "adafactor", "adagrad", "adam"))
 # The parts after tuning, the longest first (the long part in two halves), so that side-by-side lanes finish
 # close together.
 HALVES = (OPTIMIZERS[:2], OPTIMIZERS[2:])
 LATER = tuple((task, "long", long, half) for task in TASKS for half in HALVES) + (
-    ("mt", "beta", betas), ("mt", "equal-time", equal_time), ("lm", "beta", betas), ("mt", "momentum", momentum))
+    ("mt", "beta", betas), ("mt", "equal-time", equal_time), ("lm", "beta", betas),
+    ("mt", "equal memory", equal_memory), ("mt", "momentum", momentum))
+
+
+def _phase_name(task: str, part: str, args: tuple) -> str:
+    return " ".join([task, part, *("+".join(a) for a in args)])
 
 
 def run_study(tasks: list[str], parts: list[str], lanes: int = 1) -> None:
     """Tuning first (every other part starts from its best settings), then the other parts; ``lanes`` phases
     run side by side, each launch with ``1/lanes`` of the cores (tiny models use two one-thread runs better
-    than one two-thread run)."""
+    than one two-thread run). Equal memory belongs to the tune part but runs with the later ones."""
     global THREADS
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     THREADS = max(1, cores // lanes) if lanes > 1 else None
@@ -358,13 +364,19 @@ def run_study(tasks: list[str], parts: list[str], lanes: int = 1) -> None:
 
         torch.set_num_threads(THREADS)  # equal-time measures seconds a step in this process
     later = LATER if lanes > 1 else LATER[::-1]  # one lane: the cheap parts first, as a stopped study has most
-    stages = [[(tune_task, task) for task in tasks if "tune" in parts],  # tune_task times each of its phases
-              [(timed, " ".join([task, part, *("+".join(a) for a in args)]), fn, task, *args)
-               for task, part, fn, *args in later if task in tasks and part in parts]]
-    for stage in stages:
-        with ThreadPoolExecutor(max_workers=lanes) as pool:
-            for future in [pool.submit(*phase) for phase in stage]:
-                future.result()
+    tuning = [(tune_optimizer, task, optim) for task, optim in TUNING if task in tasks and "tune" in parts]
+    rest = [(timed, _phase_name(task, part, args), fn, task, *args) for task, part, fn, *args in later
+            if task in tasks and (part in parts or (part == "equal memory" and "tune" in parts))]
+    _side_by_side(tuning, lanes)
+    for task in tasks if tuning else ():
+        write_best(task)
+    _side_by_side(rest, lanes)
+
+
+def _side_by_side(phases: list, lanes: int) -> None:
+    with ThreadPoolExecutor(max_workers=lanes) as pool:
+        for future in [pool.submit(*phase) for phase in phases]:
+            future.result()
 
 
 def main() -> None:

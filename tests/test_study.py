@@ -251,3 +251,30 @@ def test_the_long_part_is_two_halves_of_the_optimizers_so_two_lanes_share_it(tmp
     assert sorted(set(optims)) == sorted(study.OPTIMIZERS) and len(optims) == 3 * len(study.OPTIMIZERS)
     assert set(json.loads((tmp_path / "timings.json").read_text())) == {"mt long adam+adagrad",
                                                                          "mt long adafactor+sm3"}
+
+
+def test_tuning_is_a_phase_per_optimizer_so_two_lanes_share_it_and_best_json_comes_before_the_rest(
+        tmp_path, monkeypatch):
+    """The tune part was one phase per task: translation's ~70 minutes in one lane, the other idle after
+    language modelling's ~13. Now each optimizer's grid and seeds are a phase; the first two run at once (a
+    barrier fails if they run one after the other); equal memory, which needs every optimizer's best, runs after
+    best.json is written."""
+    monkeypatch.setattr(study, "RUNS", tmp_path)
+    monkeypatch.setattr(study, "RECORD", tmp_path)
+    monkeypatch.setattr(study, "THREADS", None)
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    meet, events = threading.Barrier(2, timeout=10), []
+    first_two = {study.TUNING[0][1], study.TUNING[1][1]}
+    monkeypatch.setattr(study, "tune", lambda task, optim: (optim in first_two and meet.wait(),
+                                                            events.append(f"tune {optim}")))
+    monkeypatch.setattr(study, "warmups", lambda task: events.append("warm-up"))
+    monkeypatch.setattr(study, "seeds", lambda task, optim: events.append(f"seeds {optim}"))
+    monkeypatch.setattr(study, "write_best", lambda task: events.append(f"best {task}"))
+    monkeypatch.setattr(study, "LATER", tuple((t, p, (lambda task, p=p: events.append(p)) if p == "equal memory" else None)
+                                              for t, p, *_ in study.LATER if p in ("equal memory", "beta")))
+    study.run_study(["mt"], ["tune"], lanes=2)
+    assert {f"tune {o}" for o in study.OPTIMIZERS} | {f"seeds {o}" for o in study.OPTIMIZERS} < set(events)
+    assert events[-2:] == ["best mt", "equal memory"] and "beta" not in events
+    assert set(json.loads((tmp_path / "timings.json").read_text())) == {
+        *(f"mt {kind} {o}" for kind in ("tune", "seeds") for o in study.OPTIMIZERS), "mt warm-up sm3",
+        "mt equal memory"}
