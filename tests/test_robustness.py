@@ -175,7 +175,9 @@ def test_wandb_unreachable_runs_offline_resumes_same_run_and_rejects_other_model
     # W&B itself says nothing (no banner, no "Run history" / "Run summary" blocks); one line says where the run is
     output = first.stdout + first.stderr
     assert "Run history" not in output and "Run summary" not in output and "wandb:" not in output, output
-    assert len([line for line in first.stdout.splitlines() if line.startswith("W&B: offline run in ")]) == 1
+    assert [line for line in first.stdout.splitlines() if line.startswith("W&B")] == [
+        "W&B: no credentials (WANDB_API_KEY or `wandb login`), so offline run in "
+        f"{next((run_dir / 'wandb').glob('offline-run-*'))} (upload it with `wandb sync`)"]  # one line: where
     checkpoints = run_dir / "checkpoints"
     assert [p.name for p in step_files(checkpoints)] == ["step-000002.pt"]
     run_id = torch.load(checkpoints / "last.pt", weights_only=True)["progress"]["wandb_id"]

@@ -80,9 +80,9 @@ class RunLog:
         mode = logger.mode.value
         netrc = Path.home() / ".netrc"
         has_key = os.environ.get("WANDB_API_KEY") or (netrc.exists() and "api.wandb.ai" in netrc.read_text())
+        why = ""
         if mode == "online" and not has_key:
-            print("W&B: no credentials (WANDB_API_KEY or `wandb login`); logging offline")
-            mode = "offline"
+            why, mode = "no credentials (WANDB_API_KEY or `wandb login`), so ", "offline"
         kwargs = dict(project=logger.project, entity=logger.entity, dir=str(self.run_dir), id=run_id,
                       resume="allow", name=self.name, group=self.group,
                       config=OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True))
@@ -94,7 +94,7 @@ class RunLog:
                 print(f"W&B: {attempt} init failed ({type(error).__name__}: {error}); " +
                       ("retrying offline" if attempt == "online" else "continuing without W&B"))
                 continue
-            print(f"W&B: {run.url}" if attempt == "online" else
-                  f"W&B: offline run in {run.sync_dir} (upload it with `wandb sync`)")
+            print(f"W&B: {run.url}" if attempt == "online" else  # one line: where the run is
+                  f"W&B: {why}offline run in {run.sync_dir} (upload it with `wandb sync`)")
             return run
         return None
