@@ -101,12 +101,13 @@ class StepResult:
 def fast_bf16(device: torch.device) -> bool:
     """Whether ``auto`` turns bf16 autocast on: a CUDA device that supports it, or a CPU with bf16 instructions
     (AMX tiles or AVX-512 BF16; torch's own checks). On an AMD EPYC with AVX-512 BF16 and no AMX it took the
-    base model's step to 0.39x and the tiny one's to 0.82x of float32's (docs/profile_cpu.md, README); without
+    base model's step to 0.39-0.60x and the tiny one's to 0.82x of float32's (docs/profile_cpu.md, README); without
     them bf16 is emulated and slower, so float32 stays."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
+    # private checks, absent from some torch builds
     checks = [getattr(torch.cpu, name, None) for name in ("_is_amx_tile_supported", "_is_avx512_bf16_supported")]
-    return device.type == "cpu" and any(check is not None and bool(check()) for check in checks)  # private: may be absent
+    return device.type == "cpu" and any(check is not None and bool(check()) for check in checks)
 
 
 def autocast_context(precision: str, device: torch.device):

@@ -270,8 +270,9 @@ def test_tuning_is_a_phase_per_optimizer_so_two_lanes_share_it_and_best_json_com
     monkeypatch.setattr(study, "warmups", lambda task: events.append("warm-up"))
     monkeypatch.setattr(study, "seeds", lambda task, optim: events.append(f"seeds {optim}"))
     monkeypatch.setattr(study, "write_best", lambda task: events.append(f"best {task}"))
-    monkeypatch.setattr(study, "LATER", tuple((t, p, (lambda task, p=p: events.append(p)) if p == "equal memory" else None)
-                                              for t, p, *_ in study.LATER if p in ("equal memory", "beta")))
+    record = {"equal memory": lambda task: events.append("equal memory")}
+    monkeypatch.setattr(study, "LATER", tuple((t, p, record.get(p)) for t, p, *_ in study.LATER
+                                              if p in ("equal memory", "beta")))
     study.run_study(["mt"], ["tune"], lanes=2)
     assert {f"tune {o}" for o in study.OPTIMIZERS} | {f"seeds {o}" for o in study.OPTIMIZERS} < set(events)
     assert events[-2:] == ["best mt", "equal memory"] and "beta" not in events

@@ -59,7 +59,7 @@ def test_schedule_shapes(compose):
     assert inverse_sqrt(24, warmup) == pytest.approx(0.5)
     assert inverse_sqrt(49, warmup) == 1
     assert inverse_sqrt(199, warmup) == pytest.approx(0.5)
-    cfg = compose(["schedule=quadratic_warmup_cooldown", "trainer.max_steps=100"])
+    cfg = compose(["schedule=quadratic_warmup_cooldown", "schedule.warmup_fraction=0.05", "trainer.max_steps=100"])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     scheduler = build_scheduler(cfg.schedule, opt, 100)
     lrs = []

@@ -125,7 +125,8 @@ class TrainerConfig:
     max_minutes: Optional[float] = None  # stop early (and evaluate) after this wall time
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    precision: Precision = Precision.auto  # auto: bf16 autocast on CUDA that has it and on CPUs with AMX or AVX-512 BF16, else fp32
+    # auto: bf16 autocast on CUDA that has it and on CPUs with AMX or AVX-512 BF16, else fp32
+    precision: Precision = Precision.auto
     # CPU: treat denormal floats as zero. They appear as a model grows confident (tiny probabilities and
     # gradients) and slow x86 arithmetic: the tiny model's steps measured ~20% slower without this.
     flush_denormal: bool = True
