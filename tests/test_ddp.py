@@ -11,6 +11,7 @@ from trainer.distributed import slurm_to_torchrun_environment
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch built without distributed")
 
 COMMON = ["model=transformer_tiny", "model.dropout=0.0", "logger=none", "trainer.progress=false",
+          "trainer.precision=fp32",  # the same numbers on any CPU: auto picks bf16 on some
           "trainer.polyak=false", "data.num_train=300", "data.num_valid=8", "data.num_test=8",
           "data.max_tokens=512", "trainer.eval_max_len=8", "trainer.log_interval=1", "trainer.max_steps=4",
           "trainer.eval_interval=100", "schedule.warmup_steps=2"]

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.skipif(not dist.is_available(), reason="torch built wi
 # tests/test_ddp.py's settings, plus gradient clipping (the norm must cover every rank's shards), Polyak
 # averaging (the averaged copy is sharded too) and an evaluation during training (every rank takes part)
 COMMON = ["model=transformer_tiny", "model.dropout=0.0", "logger=none", "trainer.progress=false",
+          "trainer.precision=fp32",  # the same numbers on any CPU: auto picks bf16 on some
           "data.num_train=300", "data.num_valid=8", "data.num_test=8", "data.max_tokens=512", "trainer.eval_max_len=8",
           "trainer.log_interval=1", "trainer.eval_interval=3", "schedule.warmup_steps=2", "trainer.clip_norm=0.5"]
 
