@@ -2,6 +2,7 @@
 train.py's trainer.eval_only and trainer.init_from, and the line each prints about what it loaded."""
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,13 @@ from trainer.trained import load_trained
 pytestmark = pytest.mark.xdist_group("test_use")
 
 LM_STEPS, MT_STEPS = ["trainer.max_steps=4"], ["trainer.max_steps=3"]
+
+
+def test_the_modules_tests_share_one_worker(request):
+    # pytest 9.2 ignored the group pytest-xdist 3.8 gives a test (its nodeid's "@group" suffix): the grouped
+    # modules' tests spread over the workers, and each worker trained the shared runs again (pyproject.toml).
+    if request.config.getoption("dist", "no") == "loadgroup" or os.environ.get("PYTEST_XDIST_WORKER"):
+        assert request.node.nodeid.endswith("@test_use")
 
 
 def trained_run(tmp_path_factory, train_cli, overrides, name):
