@@ -368,8 +368,9 @@ def run_study(tasks: list[str], parts: list[str], lanes: int = 1) -> None:
     rest = [(timed, _phase_name(task, part, args), fn, task, *args) for task, part, fn, *args in later
             if task in tasks and (part in parts or (part == "equal memory" and "tune" in parts))]
     _side_by_side(tuning, lanes)
-    for task in tasks if tuning else ():
-        write_best(task)
+    if tuning:
+        for task in tasks:
+            write_best(task)
     _side_by_side(rest, lanes)
 
 
