@@ -193,7 +193,7 @@ def set_up(cfg, run_dir: Path) -> Run:
         log.start(state)
     autocast = autocast_context(trainer.precision.value, device)
     if is_main_process():
-        precision = "float32" if autocast is contextlib.nullcontext else "bf16 autocast"
+        precision = "float32" if autocast is contextlib.nullcontext else "bf16 autocast"  # summary.json's too
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.optim.name.value} "
               f"lr {cfg.optim.lr:g}, "
               f"device {device} ({precision}{'' if device.type == 'cuda' else '; ' + cpu_description()}), "
@@ -407,6 +407,7 @@ def finish(run: Run, started: float) -> float:
         "peak_memory_bytes": peak_memory_bytes(run.device),
         "wall_seconds": time.time() - started,
         "device": str(run.device),
+        "precision": "float32" if run.autocast is contextlib.nullcontext else "bf16 autocast",
         "cpu": cpu_description(),  # what the seconds above were measured on
         **({"examples": examples} if examples else {}),  # a decoded sentence per split (translation)
     }

@@ -277,6 +277,16 @@ def long(task: str, optims: tuple[str, ...] = OPTIMIZERS) -> None:
                    suffix="_long")
 
 
+def _precision(setting) -> str:
+    """``trainer.precision`` as profile_step's Stepper takes it: "bf16" or "fp32" (auto: what train.py picks)."""
+    import torch
+
+    from train import fast_bf16
+
+    setting = getattr(setting, "value", setting)
+    return "bf16" if setting == "bf16" or (setting == "auto" and fast_bf16(torch.device("cpu"))) else "fp32"
+
+
 def seconds_per_step(task: str, plan: dict, rounds: int = 5, steps: int = 4) -> dict[str, float]:
     """Median seconds of a training step of each plan entry, all built in this process and stepped in turn
     (a shared machine's drift hits each alike)."""
@@ -287,11 +297,12 @@ def seconds_per_step(task: str, plan: dict, rounds: int = 5, steps: int = 4) -> 
                                          *_width(entry["d_model"])]))
                 for optim, entry in plan.items() if isinstance(entry, dict)}
     times: dict[str, list[float]] = {optim: [] for optim in steppers}
+    precision = _precision(compose([f"experiment=study/{task}_adam"]).trainer.precision)  # the runs' own
     for stepper in steppers.values():
-        stepper.step("fp32")  # one-time costs
+        stepper.step(precision)  # one-time costs
     for _ in range(rounds):
         for optim, stepper in steppers.items():
-            times[optim] += [stepper.step("fp32")[0] for _ in range(steps)]
+            times[optim] += [stepper.step(precision)[0] for _ in range(steps)]
     return {optim: statistics.median(t) for optim, t in times.items()}
 
 

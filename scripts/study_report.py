@@ -334,12 +334,12 @@ def equal_time_section(runs: Path, out: Path, task: str = "mt") -> list[str]:
     return lines
 
 
-def _cpus(runs: Path, sweeps: tuple[str, ...] = ("*",)) -> list[str]:
-    """The CPUs the summaries of these sweeps' runs name (summary.json's ``cpu``)."""
+def _cpus(runs: Path, sweeps: tuple[str, ...] = ("*",), key: str = "cpu") -> list[str]:
+    """The CPUs (or with ``key="precision"`` the precisions) the summaries of these sweeps' runs name."""
     names = set()
     for summary in (s for pattern in sweeps for s in runs.glob(f"{pattern}/*/summary.json")):
         try:
-            names.add(json.loads(summary.read_text()).get("cpu"))
+            names.add(json.loads(summary.read_text()).get(key))
         except (OSError, ValueError):
             continue
     return sorted(n for n in names if n)
@@ -406,9 +406,11 @@ def write_report(runs: Path, out: Path) -> Path:
             lines = section(runs, out, task, best)
             if lines:
                 cpus = _cpus(runs, sweeps(task))
+                precisions = _cpus(runs, sweeps(task), "precision") or ["float32"]  # runs before it was recorded
                 head = [f"# {title}: {TASK_TITLE[task]}", "",
                         "Drawn by `scripts/study_report.py` from the runs in [runs/](runs/) (" +
-                        (", ".join(f"`{c}`" for c in cpus) or "CPU not recorded") + ", float32). The protocol: "
+                        (", ".join(f"`{c}`" for c in cpus) or "CPU not recorded") + ", " + " and ".join(precisions) +
+                        "). The protocol: "
                         "[README.md](README.md).", ""]
                 (out / f"{task}_{stem}.md").write_text("\n".join(head + lines))
     lines = ["# The study: SM3 against Adam, Adagrad and Adafactor", "",

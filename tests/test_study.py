@@ -137,12 +137,12 @@ def test_tuning_extends_the_grid_until_it_brackets_the_best(tmp_path, monkeypatc
 
 
 def test_sm3_brackets_each_momentum(tmp_path, monkeypatch):
-    """Momentum 0 peaks inside SM3's grid (0.2), momentum 0.9 below it: only momentum 0.9 is extended."""
+    """Momentum 0 peaks inside SM3's grid (0.05), momentum 0.9 below it: only momentum 0.9 is extended."""
     launched = _fake_train(monkeypatch, tmp_path,
-                           lambda lr, m: 60 - 10 * abs(math.log2(lr / (0.2 if m == 0 else 0.03))))
+                           lambda lr, m: 60 - 10 * abs(math.log2(lr / (0.05 if m == 0 else 0.007))))
     study.tune("mt", "sm3")
-    # 0.025 beats 0.05 (the grid's end), so 0.0125 too is tried, and then 0.025 is bracketed
-    assert launched == [[], ["optim.lr=0.025", "optim.momentum=0.9"], ["optim.lr=0.0125", "optim.momentum=0.9"]]
+    # 0.00625 beats 0.0125 (the grid's end), so 0.003125 too is tried, and then 0.00625 is bracketed
+    assert launched == [[], ["optim.lr=0.00625", "optim.momentum=0.9"], ["optim.lr=0.003125", "optim.momentum=0.9"]]
 
 
 def test_equal_memory_budget_is_what_adams_run_holds():
