@@ -9,7 +9,8 @@ every optimizer's best setting run at 4x the steps and at equal wall time.
 
 The parts and their protocol are in scripts/study_protocol.py (PROTOCOL), which the report quotes.
 Runs live under multirun/study/<task>_<optim>[_<part>]/ (Hydra multiruns of train.py; a finished run is
-never redone, so an interrupted study continues where it stopped). Each finished run's record (config,
+never redone, so a stopped study (SIGTERM or Ctrl-C: the running jobs checkpoint, and each phase's time so far is
+kept) continues where it stopped, on another machine too: the committed record is restored there first). Each finished run's record (config,
 summary, metrics; not its checkpoints) is copied to docs/study/runs/, with the plans, every phase's wall
 time (timings.json) and every launch (commands.log): the report is drawn from there, a page per part and
 task, so the evidence outlives the machine and a page of a part not rerun is kept. Phases run two at a time
@@ -24,6 +25,8 @@ import argparse
 import json
 import math
 import os
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -33,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scripts.compare import Job, find_jobs, mean_std
-from scripts.study_report import archive, write_report
+from scripts.study_report import KEPT, archive, write_report
 from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_WARMUP, HORIZON, KIND,
                                     MAX_EXTENSIONS, MOMENTUM_WARMUPS, OPTIMIZERS, ROOT, SEEDS, STEPS, TASKS,
                                     WARMUPS, WIDTHS, footprint, grid, same_setting, score, setting)
@@ -42,9 +45,51 @@ RUNS = ROOT / "multirun" / "study"
 RECORD = ROOT / "docs" / "study" / "runs"  # committed: each finished run's record, plans, phase times, launches
 BEST = ROOT / "docs" / "study" / "best.json"  # tune's best settings, where the other parts start
 EXTRA: list[str] = []  # overrides added to every run (--extra: smoke tests)
-PARTS = ("tune", "momentum", "beta", "long", "equal-time")
+PARTS = ("tune", "momentum", "beta", "long", "equal-time", "equal-memory")  # equal memory: also with tune
 THREADS: int | None = None  # each launch's OpenMP threads when parts run side by side (None: torch's default)
 _RECORD = threading.Lock()  # two lanes write the record
+STOP = threading.Event()  # set by SIGTERM / SIGINT: each lane ends after its running job (which checkpoints)
+_CHILDREN: set[subprocess.Popen] = set()  # the running launches, which a stop passes SIGTERM on to
+
+
+class Stopped(Exception):
+    """The study was told to stop; rerunning the same command continues it."""
+
+
+def restore(record: Path, runs: Path) -> int:
+    """Copy each recorded run (docs/study/runs/, committed) back to where the study keeps its runs, unless a run
+    is there already, so that a study continues on another machine: train.py sees the summary and skips the job.
+    Returns how many were restored."""
+    restored = 0
+    for summary in sorted(record.glob("*/*/summary.json")):
+        target = runs / summary.parent.parent.name / summary.parent.name
+        if (target / "summary.json").exists():
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in KEPT:
+            if (summary.parent / name).exists():
+                shutil.copyfile(summary.parent / name, target / name)
+        restored += 1
+    return restored
+
+
+def _stop(signum, frame) -> None:
+    if not STOP.is_set():
+        STOP.set()
+        print(f"study: signal {signum}: stopping after the running jobs (they checkpoint); rerun the same command "
+              "to continue", flush=True)
+        for child in list(_CHILDREN):  # train.py checkpoints and exits 143; its multirun stops there
+            child.send_signal(signal.SIGTERM)
+
+
+def _run(command: list[str], **kwargs) -> None:
+    """A launch's process, waited for; a failed job is recorded by train.py and the sweep goes on."""
+    with subprocess.Popen(command, **kwargs) as child:
+        _CHILDREN.add(child)
+        try:
+            child.wait()
+        finally:
+            _CHILDREN.discard(child)
 
 
 def sweep_dir(task: str, optim: str, suffix: str = "") -> Path:
@@ -53,6 +98,8 @@ def sweep_dir(task: str, optim: str, suffix: str = "") -> Path:
 
 def launch(task: str, optim: str, overrides: list[str], suffix: str = "") -> None:
     """One Hydra multirun of train.py (its jobs one after another, in one process)."""
+    if STOP.is_set():
+        raise Stopped
     command = [sys.executable, "train.py", "-m", f"experiment=study/{task}_{optim}",
                f"hydra.sweep.dir={sweep_dir(task, optim, suffix)}", *overrides, *EXTRA]
     line = " ".join(command[1:]).replace(str(ROOT) + "/", "")
@@ -62,15 +109,17 @@ def launch(task: str, optim: str, overrides: list[str], suffix: str = "") -> Non
         with open(RECORD / "commands.log", "a") as f:  # the report lists every launch, in order
             f.write(line + "\n")
     if THREADS is None:
-        subprocess.run(command, cwd=ROOT, check=False)  # a failed job is recorded; the sweep goes on
+        _run(command, cwd=ROOT)
     else:  # side by side with another part: a share of the cores, and its own log (progress would interleave)
         env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), MKL_NUM_THREADS=str(THREADS))
         log = RUNS / "logs" / f"{sweep_dir(task, optim, suffix).name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
-            subprocess.run(command, cwd=ROOT, check=False, env=env, stdout=f, stderr=subprocess.STDOUT)
+            _run(command, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
     with _RECORD:
         archive(RUNS, RECORD)
+    if STOP.is_set():
+        raise Stopped
 
 
 def jobs_of(task: str, optim: str, suffix: str = "") -> list[Job]:
@@ -329,13 +378,22 @@ def equal_time(task: str = "mt") -> dict:
 
 
 def timed(name: str, fn, *args) -> None:
-    """Run a phase and add its wall time to the record's timings.json (summed over the sessions that ran it)."""
+    """Run a phase and add its wall time to the record's timings.json (summed over the sessions that ran it; a
+    phase stopped half-way adds the time it ran)."""
+    if STOP.is_set():  # a phase the stop came before: no time
+        raise Stopped
     start = time.time()
-    fn(*args)
+    try:
+        fn(*args)
+    finally:
+        _add_time(name, time.time() - start)
+
+
+def _add_time(name: str, seconds: float) -> None:
     with _RECORD:
         path = RECORD / "timings.json"
         timings = json.loads(path.read_text()) if path.exists() else {}
-        timings[name] = timings.get(name, 0.0) + time.time() - start
+        timings[name] = timings.get(name, 0.0) + seconds
         RECORD.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(timings, indent=2))
 
@@ -377,7 +435,7 @@ def run_study(tasks: list[str], parts: list[str], lanes: int = 1) -> None:
     later = LATER if lanes > 1 else LATER[::-1]  # one lane: the cheap parts first, as a stopped study has most
     tuning = [(tune_optimizer, task, optim) for task, optim in TUNING if task in tasks and "tune" in parts]
     rest = [(timed, _phase_name(task, part, args), fn, task, *args) for task, part, fn, *args in later
-            if task in tasks and (part in parts or (part == "equal memory" and "tune" in parts))]
+            if task in tasks and (part.replace(" ", "-") in parts or (part == "equal memory" and "tune" in parts))]
     _side_by_side(tuning, lanes)
     if tuning:
         for task in tasks:
@@ -406,7 +464,17 @@ def main() -> None:
     RUNS, RECORD, BEST = args.runs.resolve(), args.out.resolve() / "runs", args.out.resolve() / "best.json"
     EXTRA[:] = args.extra
     if not args.report:
-        run_study(args.tasks, args.part, max(1, args.lanes))
+        restored = restore(RECORD, RUNS)
+        if restored:
+            print(f"continuing: {restored} finished runs restored from {RECORD}")
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
+        try:
+            run_study(args.tasks, args.part, max(1, args.lanes))
+        except Stopped:
+            archive(RUNS, RECORD)
+            raise SystemExit("study: stopped; the finished runs and each phase's time so far are in "
+                             f"{RECORD}: rerun the same command to continue")
     if RUNS.is_dir():
         archive(RUNS, RECORD)
     print(f"report: {write_report(RECORD, args.out)}")

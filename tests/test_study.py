@@ -5,7 +5,9 @@ import json
 import math
 import os
 import shutil
+import signal
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -233,7 +235,7 @@ def test_two_lanes_run_the_later_parts_side_by_side_on_a_share_of_the_cores(tmp_
     assert set(json.loads((tmp_path / "timings.json").read_text())) == {"mt long", "lm long"}
 
     calls = []
-    monkeypatch.setattr(study.subprocess, "run", lambda command, **kw: calls.append((command, kw)))
+    monkeypatch.setattr(study, "_run", lambda command, **kw: calls.append((command, kw)))
     study.launch("mt", "sm3", ["optim.lr=0.1"], suffix="_long")
     (command, kw), = calls
     assert kw["env"]["OMP_NUM_THREADS"] == "1" and kw["stdout"].name == str(tmp_path / "logs" / "mt_sm3_long.log")
@@ -279,3 +281,51 @@ def test_tuning_is_a_phase_per_optimizer_so_two_lanes_share_it_and_best_json_com
     assert set(json.loads((tmp_path / "timings.json").read_text())) == {
         *(f"mt {kind} {o}" for kind in ("tune", "seeds") for o in study.OPTIMIZERS), "mt warm-up sm3",
         "mt equal memory"}
+
+
+def test_a_study_continues_from_its_committed_record_on_another_machine(tmp_path, monkeypatch):
+    """The record (docs/study/runs/) is restored where the runs go, so that train.py skips those jobs and the
+    study picks up after them; a run already there is left as it is."""
+    record, runs = tmp_path / "record", tmp_path / "runs"
+    for root, lr, bleu in ((record, 0.004, 60.0), (record, 0.002, 50.0), (runs, 0.002, 51.0)):
+        job = root / "mt_adam" / f"optim.lr={lr}"
+        job.mkdir(parents=True)
+        (job / "config.yaml").write_text(json.dumps({"optim": {"lr": lr}, "schedule": {"warmup_fraction": 0.05},
+                                                     "trainer": {"seed": 0, "max_steps": 600}}))
+        (job / "summary.json").write_text(json.dumps({"valid_bleu_averaged": bleu, "test_bleu_averaged": bleu}))
+    (record / "mt_adam" / "optim.lr=0.004" / "metrics.jsonl").write_text('{"step": 600}\n')
+    assert study.restore(record, runs) == 1 and study.restore(record, runs) == 0
+    assert (runs / "mt_adam" / "optim.lr=0.004" / "metrics.jsonl").read_text() == '{"step": 600}\n'
+    assert json.loads((runs / "mt_adam" / "optim.lr=0.002" / "summary.json").read_text())["valid_bleu_averaged"] == 51
+    monkeypatch.setattr(study, "RUNS", runs)
+    assert study.setting(study.best_job("mt", "adam"))["optim.lr"] == 0.004
+
+
+def test_a_stopped_study_keeps_the_time_its_phases_ran_and_stops_its_jobs(tmp_path, monkeypatch):
+    """SIGTERM (or Ctrl-C) mid-phase: the running job is passed SIGTERM (train.py checkpoints), the lane stops
+    after it, and the phase's time so far is added to timings.json; a phase not yet begun is not timed."""
+    monkeypatch.setattr(study, "RUNS", tmp_path)
+    monkeypatch.setattr(study, "RECORD", tmp_path)
+    monkeypatch.setattr(study, "STOP", threading.Event())
+    signals = []
+
+    class Child:
+        def send_signal(self, signum):
+            signals.append(signum)
+
+    def job(command, **kw):  # the signal arrives while a job runs
+        study._CHILDREN.add(Child())
+        study._stop(signal.SIGTERM, None)
+        study._CHILDREN.clear()
+        time.sleep(0.05)
+
+    monkeypatch.setattr(study, "_run", job)
+    with pytest.raises(study.Stopped):
+        study.timed("mt long", lambda: (study.launch("mt", "adam", ["optim.lr=0.004"]),
+                                        study.launch("mt", "adam", ["optim.lr=0.008"])))
+    assert signals == [signal.SIGTERM] and study.STOP.is_set()
+    assert "optim.lr=0.008" not in (tmp_path / "commands.log").read_text()
+    with pytest.raises(study.Stopped):
+        study.timed("mt beta", study.launch, "mt", "sm3", [])
+    assert list(json.loads((tmp_path / "timings.json").read_text())) == ["mt long"]
+    assert json.loads((tmp_path / "timings.json").read_text())["mt long"] >= 0.05
