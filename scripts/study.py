@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scripts.compare import Job, find_jobs, mean_std
-from scripts.study_report import KEPT, archive, write_report
+from scripts.study_report import KEPT, WALL, archive, write_report
 from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_WARMUP, HORIZON, KIND,
                                     MAX_EXTENSIONS, MOMENTUM_WARMUPS, OPTIMIZERS, ROOT, SEEDS, STEPS, TASKS,
                                     WARMUPS, WIDTHS, footprint, grid, same_setting, score, setting)
@@ -432,6 +432,14 @@ def run_study(tasks: list[str], parts: list[str], lanes: int = 1) -> None:
         import torch
 
         torch.set_num_threads(THREADS)  # equal-time measures seconds a step in this process
+    start = time.time()
+    try:
+        _run_phases(tasks, parts, lanes)
+    finally:
+        _add_time(WALL, time.time() - start)
+
+
+def _run_phases(tasks: list[str], parts: list[str], lanes: int) -> None:
     later = LATER if lanes > 1 else LATER[::-1]  # one lane: the cheap parts first, as a stopped study has most
     tuning = [(tune_optimizer, task, optim) for task, optim in TUNING if task in tasks and "tune" in parts]
     rest = [(timed, _phase_name(task, part, args), fn, task, *args) for task, part, fn, *args in later
