@@ -50,7 +50,7 @@ what train.py returns to a sweeper). Parts (`--part`):
   the steps.
 - **beta**: SM3's best setting with beta 0.9, 0.99 and 0.999 (an exponential moving average instead of a
   sum), each at the best learning rate, 1/4 and 1/16 of it (one more 4x lower while the best is the lowest);
-  the best of each beta, and beta 0, with seeds 0, 1 and 2.
+  the best of each beta with seeds 0, 1 and 2, against beta 0's (the tune part's seeds of SM3's best).
 - **long**: 4x the steps (2400 mt, 1200 lm): each optimizer at its best learning rate and one grid step
   (2x) each side, seed 0; the best of those with seeds 1 and 2. Valid and test are evaluated along the way.
 - **equal-time** (mt): Adam at width 128 and SM3 and Adafactor at their equal-memory widths get the same

@@ -260,6 +260,7 @@ def beta_section(runs: Path, out: Path, task: str) -> list[str]:
     jobs = _jobs(runs, f"{task}_sm3_beta")
     if not jobs:
         return []
+    jobs += next((g for k, g in best_groups(runs, task).items() if k.startswith("sm3")), [])  # beta 0: tune's
     metric = METRIC[task][0]
     name = METRIC_NAME[metric]
     seeded = [j for j in jobs if setting(j)["trainer.seed"] == 0]

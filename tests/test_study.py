@@ -115,7 +115,8 @@ def test_long_runs_each_optimizer_around_its_tuned_lr_then_seeds_the_best(tmp_pa
 
 def test_beta_grid_goes_lower_while_the_lowest_lr_wins(tmp_path, monkeypatch):
     """An EMA (beta > 0) wants a lower rate than a sum: with beta 0.999 the best is below 1/16 of the tuned
-    rate, so one more rate 4x lower is tried; every beta's best, and beta 0, get seeds."""
+    rate, so one more rate 4x lower is tried; every beta's best gets seeds, and beta 0 (the tuned setting,
+    whose seeds the tune part ran) is not run again."""
     launched = _fake_train(monkeypatch, tmp_path,
                            lambda lr, m, b, steps: 60 - abs(math.log2(lr / (0.05 if b < 0.99 else 0.0005))), BEST)
     study.betas("mt")
@@ -123,7 +124,16 @@ def test_beta_grid_goes_lower_while_the_lowest_lr_wins(tmp_path, monkeypatch):
         in launched
     assert ["schedule.warmup_fraction=0.05", "optim.momentum=0", "optim.beta=0.999", "optim.lr=0.00078125"] in launched
     seeded = [o for o in launched if any(x.startswith("trainer.seed=") for x in o)]
-    assert len(seeded) == 4 and "trainer.seed=0,1,2" in seeded[0] and "optim.beta=0" in seeded[0]
+    assert len(seeded) == 3 and all("trainer.seed=1,2" in o for o in seeded)
+    assert not any("optim.beta=0" in o for o in launched)
+    from scripts.study_report import beta_section
+
+    study.tune("mt", "sm3")
+    study.seeds("mt", "sm3")
+    page = "\n".join(beta_section(tmp_path, tmp_path, "mt"))
+    seeds_table = page.split("The best of each beta over seeds:")[1]
+    beta0 = [line for line in seeds_table.splitlines() if "momentum 0" in line and "beta" not in line]
+    assert len(beta0) == 1 and "| 3 |" in beta0[0], seeds_table  # beta 0: tune's best, its 3 seeds
 
 
 def test_tuning_extends_the_grid_until_it_brackets_the_best(tmp_path, monkeypatch):
