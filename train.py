@@ -118,6 +118,11 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext
 
 
+def precision_name(autocast) -> str:
+    """What an ``autocast_context`` runs in, as the start line and summary.json name it."""
+    return "float32" if autocast is contextlib.nullcontext else "bf16 autocast"
+
+
 def peak_memory_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device)
@@ -193,7 +198,7 @@ def set_up(cfg, run_dir: Path) -> Run:
         log.start(state)
     autocast = autocast_context(trainer.precision.value, device)
     if is_main_process():
-        precision = "float32" if autocast is contextlib.nullcontext else "bf16 autocast"  # summary.json's too
+        precision = precision_name(autocast)
         print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {cfg.optim.name.value} "
               f"lr {cfg.optim.lr:g}, "
               f"device {device} ({precision}{'' if device.type == 'cuda' else '; ' + cpu_description()}), "
@@ -407,7 +412,7 @@ def finish(run: Run, started: float) -> float:
         "peak_memory_bytes": peak_memory_bytes(run.device),
         "wall_seconds": time.time() - started,
         "device": str(run.device),
-        "precision": "float32" if run.autocast is contextlib.nullcontext else "bf16 autocast",
+        "precision": precision_name(run.autocast),
         "cpu": cpu_description(),  # what the seconds above were measured on
         **({"examples": examples} if examples else {}),  # a decoded sentence per split (translation)
     }

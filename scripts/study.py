@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -36,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from scripts.compare import Job, find_jobs, mean_std
-from scripts.study_report import KEPT, WALL, archive, write_report
+from scripts.study_report import WALL, archive, copy_runs, write_report
 from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_WARMUP, HORIZON, KIND,
                                     MAX_EXTENSIONS, MOMENTUM_WARMUPS, OPTIMIZERS, ROOT, SEEDS, STEPS, TASKS,
                                     WARMUPS, WIDTHS, footprint, grid, same_setting, score, setting)
@@ -60,17 +59,7 @@ def restore(record: Path, runs: Path) -> int:
     """Copy each recorded run (docs/study/runs/, committed) back to where the study keeps its runs, unless a run
     is there already, so that a study continues on another machine: train.py sees the summary and skips the job.
     Returns how many were restored."""
-    restored = 0
-    for summary in sorted(record.glob("*/*/summary.json")):
-        target = runs / summary.parent.parent.name / summary.parent.name
-        if (target / "summary.json").exists():
-            continue
-        target.mkdir(parents=True, exist_ok=True)
-        for name in KEPT:
-            if (summary.parent / name).exists():
-                shutil.copyfile(summary.parent / name, target / name)
-        restored += 1
-    return restored
+    return copy_runs(record, runs, keep_existing=True)
 
 
 def _stop(signum, frame) -> None:
@@ -330,10 +319,10 @@ def _precision(setting) -> str:
     """``trainer.precision`` as profile_step's Stepper takes it: "bf16" or "fp32" (auto: what train.py picks)."""
     import torch
 
-    from train import fast_bf16
+    from train import autocast_context, precision_name
 
-    setting = getattr(setting, "value", setting)
-    return "bf16" if setting == "bf16" or (setting == "auto" and fast_bf16(torch.device("cpu"))) else "fp32"
+    autocast = autocast_context(getattr(setting, "value", setting), torch.device("cpu"))
+    return "fp32" if precision_name(autocast) == "float32" else "bf16"
 
 
 def seconds_per_step(task: str, plan: dict, rounds: int = 5, steps: int = 4) -> dict[str, float]:

@@ -335,8 +335,8 @@ def equal_time_section(runs: Path, out: Path, task: str = "mt") -> list[str]:
     return lines
 
 
-def _cpus(runs: Path, sweeps: tuple[str, ...] = ("*",), key: str = "cpu") -> list[str]:
-    """The CPUs (or with ``key="precision"`` the precisions) the summaries of these sweeps' runs name."""
+def _recorded(runs: Path, sweeps: tuple[str, ...] = ("*",), key: str = "cpu") -> list[str]:
+    """The values of ``key`` (the CPU, the precision) that the summaries of these sweeps' runs name."""
     names = set()
     for summary in (s for pattern in sweeps for s in runs.glob(f"{pattern}/*/summary.json")):
         try:
@@ -353,14 +353,22 @@ KEPT = ("config.yaml", "summary.json", "metrics.jsonl")  # a run's record; its c
 def archive(runs: Path, record: Path) -> int:
     """Copy every finished run under ``runs`` (its config, summary and metrics) to ``record``, the committed
     copy the report is drawn from (docs/study/runs/); returns how many runs it holds of ``runs``."""
+    return copy_runs(runs, record)
+
+
+def copy_runs(source: Path, target: Path, keep_existing: bool = False) -> int:
+    """Copy each finished run's KEPT files from ``source``/<sweep>/<job>/ to ``target``; with ``keep_existing``, a
+    job already finished in ``target`` is left as it is. Returns how many runs were copied."""
     copied = 0
-    for summary in sorted(runs.glob("*/*/summary.json")):
+    for summary in sorted(source.glob("*/*/summary.json")):
         job = summary.parent
-        target = record / job.parent.name / job.name
-        target.mkdir(parents=True, exist_ok=True)
+        to = target / job.parent.name / job.name
+        if keep_existing and (to / "summary.json").exists():
+            continue
+        to.mkdir(parents=True, exist_ok=True)
         for name in KEPT:
             if (job / name).exists():
-                shutil.copyfile(job / name, target / name)
+                shutil.copyfile(job / name, to / name)
         copied += 1
     return copied
 
@@ -407,8 +415,8 @@ def write_report(runs: Path, out: Path) -> Path:
         for stem, title, sweeps, section in PAGES:
             lines = section(runs, out, task, best)
             if lines:
-                cpus = _cpus(runs, sweeps(task))
-                precisions = _cpus(runs, sweeps(task), "precision") or ["float32"]  # runs before it was recorded
+                cpus = _recorded(runs, sweeps(task))
+                precisions = _recorded(runs, sweeps(task), "precision") or ["float32"]  # runs before it was recorded
                 head = [f"# {title}: {TASK_TITLE[task]}", "",
                         "Drawn by `scripts/study_report.py` from the runs in [runs/](runs/) (" +
                         (", ".join(f"`{c}`" for c in cpus) or "CPU not recorded") + ", " + " and ".join(precisions) +
