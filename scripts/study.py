@@ -44,6 +44,9 @@ RUNS = ROOT / "multirun" / "study"
 RECORD = ROOT / "docs" / "study" / "runs"  # committed: each finished run's record, plans, phase times, launches
 BEST = ROOT / "docs" / "study" / "best.json"  # tune's best settings, where the other parts start
 EXTRA: list[str] = []  # overrides added to every run (--extra: smoke tests)
+# trainer.precision of every run ("bf16" / "fp32"; None: the configs' auto): by default the record's, so that a study
+# continued on a CPU of another kind keeps one precision (the job directories leave it out, so its runs are found)
+PRECISION: str | None = None
 PARTS = ("tune", "momentum", "beta", "long", "equal-time", "equal-memory")  # equal memory: also with tune
 THREADS: int | None = None  # each launch's OpenMP threads when parts run side by side (None: torch's default)
 _RECORD = threading.Lock()  # two lanes write the record
@@ -60,6 +63,26 @@ def restore(record: Path, runs: Path) -> int:
     is there already, so that a study continues on another machine: train.py sees the summary and skips the job.
     Returns how many were restored."""
     return copy_runs(record, runs, keep_existing=True)
+
+
+def record_precision(record: Path) -> str | None:
+    """The precision of the recorded runs as ``trainer.precision`` names it ("bf16" or "fp32"); None when the
+    record has no run. A record that mixes them is an error: its comparisons would mix them too."""
+    names = {json.loads(p.read_text()).get("precision", "float32") for p in record.glob("*/*/summary.json")}
+    if len(names) > 1:
+        raise SystemExit(f"error: the runs in {record} mix precisions ({', '.join(sorted(names))}): pass --precision "
+                         "bf16 or fp32 to choose, or start a new study in new folders (--out, --runs)")
+    return None if not names else ("fp32" if names == {"float32"} else "bf16")
+
+
+def _emulated(precision: str) -> str:
+    import torch
+
+    from train import fast_bf16
+
+    if precision != "bf16" or fast_bf16(torch.device("cpu")):
+        return ""
+    return " (this CPU has no bf16 instructions: emulated, ~2.4x float32's step on an Intel Xeon without them)"
 
 
 def _stop(signum, frame) -> None:
@@ -90,7 +113,8 @@ def launch(task: str, optim: str, overrides: list[str], suffix: str = "") -> Non
     if STOP.is_set():
         raise Stopped
     command = [sys.executable, "train.py", "-m", f"experiment=study/{task}_{optim}",
-               f"hydra.sweep.dir={sweep_dir(task, optim, suffix)}", *overrides, *EXTRA]
+               f"hydra.sweep.dir={sweep_dir(task, optim, suffix)}", *overrides,
+               *([f"trainer.precision={PRECISION}"] if PRECISION else []), *EXTRA]
     line = " ".join(command[1:]).replace(str(ROOT) + "/", "")
     print("+", line, flush=True)
     with _RECORD:
@@ -335,7 +359,7 @@ def seconds_per_step(task: str, plan: dict, rounds: int = 5, steps: int = 4) -> 
                                          *_width(entry["d_model"])]))
                 for optim, entry in plan.items() if isinstance(entry, dict)}
     times: dict[str, list[float]] = {optim: [] for optim in steppers}
-    precision = _precision(compose([f"experiment=study/{task}_adam"]).trainer.precision)  # the runs' own
+    precision = PRECISION or _precision(compose([f"experiment=study/{task}_adam"]).trainer.precision)  # the runs''
     for stepper in steppers.values():
         stepper.step(precision)  # one-time costs
     for _ in range(rounds):
@@ -402,8 +426,8 @@ TUNING = tuple((task, optim) for task in TASKS for optim in ("sm3", "adafactor",
 # close together.
 HALVES = (OPTIMIZERS[:2], OPTIMIZERS[2:])
 LATER = tuple((task, "long", long, half) for task in TASKS for half in HALVES) + (
-    ("mt", "beta", betas), ("mt", "equal-time", equal_time), ("lm", "beta", betas),
-    ("mt", "equal memory", equal_memory), ("mt", "momentum", momentum))
+    ("mt", "beta", betas), ("mt", "momentum", momentum), ("mt", "equal-time", equal_time), ("lm", "beta", betas),
+    ("mt", "equal memory", equal_memory))
 
 
 def _phase_name(task: str, part: str, args: tuple) -> str:
@@ -447,7 +471,7 @@ def _side_by_side(phases: list, lanes: int) -> None:
 
 
 def main() -> None:
-    global RUNS, BEST
+    global RUNS, RECORD, BEST, PRECISION
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
     parser.add_argument("--part", nargs="+", choices=PARTS, default=list(PARTS), help="parts to run (default all)")
@@ -455,6 +479,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "study")
     parser.add_argument("--runs", type=Path, default=RUNS, help="where the runs go (default multirun/study)")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run (smoke tests)")
+    parser.add_argument("--precision", choices=("auto", "bf16", "fp32"), help="trainer.precision of every run "
+                        "(default: the record's, so that a continued study keeps one; auto for a new record)")
     parser.add_argument("--lanes", type=int, default=2, help="parts run side by side (default 2: one per core of "
                         "a 2-core machine; each run gets cores/lanes threads, its output in multirun/study/logs/)")
     args = parser.parse_args()
@@ -464,6 +490,11 @@ def main() -> None:
         restored = restore(RECORD, RUNS)
         if restored:
             print(f"continuing: {restored} finished runs restored from {RECORD}")
+        PRECISION = record_precision(RECORD) if args.precision is None else (
+            None if args.precision == "auto" else args.precision)
+        if PRECISION:
+            print(f"precision: every run takes trainer.precision={PRECISION}"
+                  + (", as the recorded runs did" if args.precision is None else "") + _emulated(PRECISION))
         signal.signal(signal.SIGTERM, _stop)
         signal.signal(signal.SIGINT, _stop)
         try:

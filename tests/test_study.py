@@ -339,3 +339,64 @@ def test_a_stopped_study_keeps_the_time_its_phases_ran_and_stops_its_jobs(tmp_pa
         study.timed("mt beta", study.launch, "mt", "sm3", [])
     assert list(json.loads((tmp_path / "timings.json").read_text())) == ["mt long"]
     assert json.loads((tmp_path / "timings.json").read_text())["mt long"] >= 0.05
+
+
+def _record_with(record: Path, precisions: list[str | None]) -> None:
+    for i, precision in enumerate(precisions):
+        job = record / "mt_adam" / f"optim.lr={i}"
+        job.mkdir(parents=True)
+        (job / "summary.json").write_text(json.dumps({} if precision is None else {"precision": precision}))
+
+
+def test_a_continued_study_keeps_the_precision_of_its_record(tmp_path, monkeypatch):
+    """A record made under bf16 autocast, continued on a CPU where ``auto`` picks float32: every run is pinned to
+    the record's precision, so that its comparisons do not mix the two; a mixed record is refused."""
+    assert study.record_precision(tmp_path / "empty") is None
+    _record_with(tmp_path / "bf16", ["bf16 autocast", "bf16 autocast"])
+    _record_with(tmp_path / "fp32", ["float32", None])  # records from before summary.json named it: float32
+    _record_with(tmp_path / "mixed", ["bf16 autocast", "float32"])
+    assert study.record_precision(tmp_path / "bf16") == "bf16"
+    assert study.record_precision(tmp_path / "fp32") == "fp32"
+    with pytest.raises(SystemExit, match="mix precisions.*--precision"):
+        study.record_precision(tmp_path / "mixed")
+    monkeypatch.setattr(study, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(study, "RECORD", tmp_path / "runs")
+    monkeypatch.setattr(study, "PRECISION", "bf16")
+    commands = []
+    monkeypatch.setattr(study, "_run", lambda command, **kw: commands.append(command))
+    study.launch("mt", "adam", ["optim.lr=0.004"])
+    assert commands[0][-2:] == ["optim.lr=0.004", "trainer.precision=bf16"]
+
+
+@pytest.mark.parametrize("task", study.TASKS)
+def test_pinning_the_precision_keeps_a_jobs_directory(task, compose):
+    """The pinned precision must not rename the job: train.py skips a recorded run only in its own directory."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    naming = compose([f"experiment=study/{task}_sm3"], hydra_config=True).hydra.job.config.override_dirname
+
+    def dirname(overrides: list[str]) -> str:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        return get_overrides_dirname(parsed, list(naming.exclude_keys), naming.item_sep, naming.kv_sep)
+
+    assert dirname(["optim.lr=0.1", "trainer.precision=bf16"]) == dirname(["optim.lr=0.1"]) == "optim.lr=0.1"
+
+
+def test_out_sends_the_records_of_a_new_study_there(tmp_path, monkeypatch):
+    """``--out DIR --runs DIR2`` starts a study elsewhere: its launches are logged and archived under DIR/runs, not
+    in the committed record."""
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    committed = tmp_path / "committed"
+    monkeypatch.setattr(study, "RECORD", committed)  # main rebinds these; restored afterwards
+    monkeypatch.setattr(study, "RUNS", study.RUNS)
+    monkeypatch.setattr(study, "BEST", study.BEST)
+    monkeypatch.setattr(study, "PRECISION", None)
+    monkeypatch.setattr(study, "_run", lambda command, **kw: None)
+    monkeypatch.setattr(study, "run_study", lambda tasks, parts, lanes: study.launch("mt", "adam", []))
+    monkeypatch.setattr(study, "write_report", lambda record, to: to / "README.md")
+    monkeypatch.setattr(study.signal, "signal", lambda *a: None)
+    monkeypatch.setattr("sys.argv", ["study.py", "--out", str(out), "--runs", str(runs)])
+    study.main()
+    assert "experiment=study/mt_adam" in (out / "runs" / "commands.log").read_text()
+    assert study.BEST == out / "best.json" and study.PRECISION is None and not committed.exists()
