@@ -212,21 +212,28 @@ def horizon(task: str) -> list[str]:
             f"trainer.checkpoint_interval={steps}", "trainer.eval_test=true"]
 
 
+def bracket(task: str, runs, extend) -> None:
+    """While the best of ``runs()`` (seed-0 runs, on validation) sits at an end of their learning rates,
+    ``extend(lr)`` runs one more rate 2x beyond it, at most MAX_EXTENSIONS times, so that the best is bracketed."""
+    for _ in range(MAX_EXTENSIONS):
+        done = runs()
+        best = max(done, key=lambda j: score(j, task), default=None)
+        if best is None or not math.isfinite(score(best, task)):
+            return
+        lr, lrs = setting(best)["optim.lr"], sorted(setting(j)["optim.lr"] for j in done)
+        if lrs[0] < lr < lrs[-1]:
+            return
+        extend(lr * (0.5 if lr == lrs[0] else 2.0))
+
+
 def tune(task: str, optim: str) -> None:
     launch(task, optim, [])  # the grid in the experiment's hydra.sweeper.params
     for momentum in grid(task, optim).get("optim.momentum", [None]):  # SM3: bracket each momentum's best
-        for _ in range(MAX_EXTENSIONS):
-            runs = [j for j in jobs_of(task, optim) if j.config and setting(j)["trainer.seed"] == 0
-                    and setting(j)["schedule.warmup_fraction"] == GRID_WARMUP
-                    and (momentum is None or setting(j)["optim.momentum"] == momentum)]
-            best = max(runs, key=lambda j: score(j, task), default=None)
-            if best is None or not math.isfinite(score(best, task)):
-                break
-            lr, lrs = setting(best)["optim.lr"], sorted(setting(j)["optim.lr"] for j in runs)
-            if lrs[0] < lr < lrs[-1]:
-                break
-            extra = [] if momentum is None else [f"optim.momentum={momentum:g}"]
-            launch(task, optim, [f"optim.lr={lr * (0.5 if lr == lrs[0] else 2.0):g}", *extra])
+        extra = [] if momentum is None else [f"optim.momentum={momentum:g}"]
+        bracket(task, lambda: [j for j in jobs_of(task, optim) if j.config and setting(j)["trainer.seed"] == 0
+                               and setting(j)["schedule.warmup_fraction"] == GRID_WARMUP
+                               and (momentum is None or setting(j)["optim.momentum"] == momentum)],
+                lambda lr: launch(task, optim, [f"optim.lr={lr:g}", *extra]))
 
 
 def warmups(task: str) -> None:
@@ -323,15 +330,21 @@ def betas(task: str) -> None:
 
 
 def long(task: str, optims: tuple[str, ...] = OPTIMIZERS) -> None:
-    """HORIZON times the steps: each optimizer at its tuned learning rate (seed 0), then at 2x each side, then
-    each one's best with seeds; every optimizer's run of a phase before the next phase, so that a study stopped
-    half-way has compared them all."""
+    """HORIZON times the steps: each optimizer at its tuned learning rate (seed 0), then at 2x each side (and
+    further 2x steps while the best sits at an end, as in tuning), then each one's best with seeds; every
+    optimizer's run of a phase before the next phase, so that a study stopped half-way has compared them all."""
     tuned = {optim: best_overrides(task, optim) for optim in optims}
+
+    def at(optim: str, lrs) -> None:
+        launch(task, optim, _without(tuned[optim], "optim.lr") + horizon(task) + [_values("optim.lr", lrs)],
+               suffix="_long")
+
     for factors in ((1,), (0.5, 2)):
-        for optim, overrides in tuned.items():
-            lr = _lr(overrides)
-            launch(task, optim, _without(overrides, "optim.lr") + horizon(task) +
-                   [_values("optim.lr", [lr * f for f in factors])], suffix="_long")
+        for optim in optims:
+            at(optim, [_lr(tuned[optim]) * f for f in factors])
+    for optim in optims:
+        bracket(task, lambda: [j for j in jobs_of(task, optim, "_long") if j.config
+                               and setting(j)["trainer.seed"] == 0], lambda lr: at(optim, [lr]))
     for optim in optims:
         best = best_job(task, optim, suffix="_long")
         if best is not None:

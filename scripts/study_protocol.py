@@ -52,7 +52,8 @@ what train.py returns to a sweeper). Parts (`--part`):
   sum), each at the best learning rate, 1/4 and 1/16 of it (one more 4x lower while the best is the lowest);
   the best of each beta with seeds 0, 1 and 2, against beta 0's (the tune part's seeds of SM3's best).
 - **long**: 4x the steps (2400 mt, 1200 lm): each optimizer at its best learning rate and one grid step
-  (2x) each side, seed 0; the best of those with seeds 1 and 2. Valid and test are evaluated along the way.
+  (2x) each side, seed 0, and while the best sits at an end, one more 2x beyond it (at most two more, as in
+  tuning); the best of those with seeds 1 and 2. Valid and test are evaluated along the way.
 - **equal-time** (mt): Adam at width 128 and SM3 and Adafactor at their equal-memory widths get the same
   training time: each trains `600 * (Adam's seconds a step) / (its seconds a step)` steps, the seconds
   measured side by side in one process; seeds 0, 1 and 2."""

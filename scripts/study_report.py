@@ -426,9 +426,11 @@ def write_report(runs: Path, out: Path) -> Path:
     lines = ["# The study: SM3 against Adam, Adagrad and Adafactor", "",
              "What the runs show is in [findings.md](findings.md). Each part's tables and plots are on a page of its "
              "own, drawn by `scripts/study_report.py` from the runs' records in [runs/](runs/) (their configs, "
-             "summaries and metrics; `scripts/study.py` copies each finished run there). Rerun everything: "
-             "`uv run python scripts/study.py`; one part: `--part NAME`; redraw the pages from the records: "
-             "`uv run python scripts/study.py --report`.", "", PROTOCOL, "", "## Pages", ""]
+             "summaries and metrics; `scripts/study.py` copies each finished run there). "
+             "`uv run python scripts/study.py` runs what the record lacks (nothing, once it is complete) and "
+             "redraws the pages, in the record's precision (`--precision` to choose); one part: `--part NAME`; "
+             "only redraw: `--report`. Rerun everything from nothing into new folders: `uv run python "
+             "scripts/study.py --out docs/study_new --runs multirun/study_new`.", "", PROTOCOL, "", "## Pages", ""]
     for task in TASKS:
         for stem, title, _, _ in PAGES:
             if (out / f"{task}_{stem}.md").exists():
