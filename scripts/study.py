@@ -212,18 +212,26 @@ def horizon(task: str) -> list[str]:
             f"trainer.checkpoint_interval={steps}", "trainer.eval_test=true"]
 
 
-def bracket(task: str, runs, extend) -> None:
-    """While the best of ``runs()`` (seed-0 runs, on validation) sits at an end of their learning rates,
-    ``extend(lr)`` runs one more rate 2x beyond it, at most MAX_EXTENSIONS times, so that the best is bracketed."""
-    for _ in range(MAX_EXTENSIONS):
+def bracket(task: str, runs, extend, planned, factor: float = 2.0, upward: bool = True) -> None:
+    """While the best of ``runs()`` (seed-0 runs, on validation) has the lowest learning rate run (or the highest,
+    if ``upward``), ``extend(lr)`` runs one more ``factor`` beyond it, so that the best is bracketed: at most
+    MAX_EXTENSIONS rates beyond the ``planned`` ones, counting those already run, so that a study continued after
+    a stop runs what one run straight through would."""
+    while True:
         done = runs()
         best = max(done, key=lambda j: score(j, task), default=None)
         if best is None or not math.isfinite(score(best, task)):
             return
         lr, lrs = setting(best)["optim.lr"], sorted(setting(j)["optim.lr"] for j in done)
-        if lrs[0] < lr < lrs[-1]:
+        beyond = {x for x in lrs if not any(math.isclose(x, p, rel_tol=1e-4) for p in planned)}
+        if len(beyond) >= MAX_EXTENSIONS:
             return
-        extend(lr * (0.5 if lr == lrs[0] else 2.0))
+        if lr == lrs[0]:
+            extend(lr / factor)
+        elif upward and lr == lrs[-1]:
+            extend(lr * factor)
+        else:
+            return
 
 
 def tune(task: str, optim: str) -> None:
@@ -233,7 +241,7 @@ def tune(task: str, optim: str) -> None:
         bracket(task, lambda: [j for j in jobs_of(task, optim) if j.config and setting(j)["trainer.seed"] == 0
                                and setting(j)["schedule.warmup_fraction"] == GRID_WARMUP
                                and (momentum is None or setting(j)["optim.momentum"] == momentum)],
-                lambda lr: launch(task, optim, [f"optim.lr={lr:g}", *extra]))
+                lambda lr: launch(task, optim, [f"optim.lr={lr:g}", *extra]), grid(task, optim)["optim.lr"])
 
 
 def warmups(task: str) -> None:
@@ -306,25 +314,22 @@ def momentum(task: str = "mt") -> None:
 
 
 def betas(task: str) -> None:
-    """SM3's tuned setting with each beta > 0 at BETA_LR_DIVISORS of its learning rate (one more 4x lower while
-    the lowest wins), then the best of each beta with seeds 1 and 2. Beta 0 is the tuned setting itself, whose
+    """SM3's tuned setting with each beta > 0 at BETA_LR_DIVISORS of its learning rate (4x lower while the
+    lowest wins, at most twice), then the best of each beta with seeds 1 and 2. Beta 0 is the tuned setting itself, whose
     seeds the tune part ran: the report takes them from there."""
     tuned = best_overrides(task, "sm3")
     lr, fixed = _lr(tuned), _without(tuned, "optim.lr", "optim.beta")
+    def seed0(beta: float) -> list[Job]:
+        return [j for j in jobs_of(task, "sm3", "_beta") if setting(j)["optim.beta"] == beta
+                and setting(j)["trainer.seed"] == 0]
+
     for beta in BETAS:
         lrs = [lr / d for d in BETA_LR_DIVISORS]
         launch(task, "sm3", fixed + [f"optim.beta={beta:g}", _values("optim.lr", lrs)], suffix="_beta")
-        runs = [j for j in jobs_of(task, "sm3", "_beta") if setting(j)["optim.beta"] == beta
-                and setting(j)["trainer.seed"] == 0]
-        best = max(runs, key=lambda j: score(j, task), default=None)
-        if best is not None and math.isfinite(score(best, task)) and setting(best)["optim.lr"] == min(
-                setting(j)["optim.lr"] for j in runs):
-            launch(task, "sm3", fixed + [f"optim.beta={beta:g}", f"optim.lr={setting(best)['optim.lr'] / 4:g}"],
-                   suffix="_beta")
+        bracket(task, lambda: seed0(beta), lambda lower: launch(
+            task, "sm3", fixed + [f"optim.beta={beta:g}", f"optim.lr={lower:g}"], suffix="_beta"), lrs, 4.0, False)
     for beta in BETAS:
-        runs = [j for j in jobs_of(task, "sm3", "_beta") if setting(j)["optim.beta"] == beta
-                and setting(j)["trainer.seed"] == 0]
-        best = max(runs, key=lambda j: score(j, task), default=None)
+        best = max(seed0(beta), key=lambda j: score(j, task), default=None)
         if best is not None:
             launch(task, "sm3", overrides_of(best, "sm3") + [_values("trainer.seed", SEEDS)], suffix="_beta")
 
@@ -344,7 +349,8 @@ def long(task: str, optims: tuple[str, ...] = OPTIMIZERS) -> None:
             at(optim, [_lr(tuned[optim]) * f for f in factors])
     for optim in optims:
         bracket(task, lambda: [j for j in jobs_of(task, optim, "_long") if j.config
-                               and setting(j)["trainer.seed"] == 0], lambda lr: at(optim, [lr]))
+                               and setting(j)["trainer.seed"] == 0], lambda lr: at(optim, [lr]),
+                [_lr(tuned[optim]) * f for f in (0.5, 1, 2)])
     for optim in optims:
         best = best_job(task, optim, suffix="_long")
         if best is not None:

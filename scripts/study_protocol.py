@@ -49,7 +49,7 @@ what train.py returns to a sweeper). Parts (`--part`):
   learning rate and 2x it, each with warm-ups over 5%, 20% and 40% of the steps; the best of those at 4x
   the steps.
 - **beta**: SM3's best setting with beta 0.9, 0.99 and 0.999 (an exponential moving average instead of a
-  sum), each at the best learning rate, 1/4 and 1/16 of it (one more 4x lower while the best is the lowest);
+  sum), each at the best learning rate, 1/4 and 1/16 of it (4x lower while the best is the lowest, at most two more);
   the best of each beta with seeds 0, 1 and 2, against beta 0's (the tune part's seeds of SM3's best).
 - **long**: 4x the steps (2400 mt, 1200 lm): each optimizer at its best learning rate and one grid step
   (2x) each side, seed 0, and while the best sits at an end, one more 2x beyond it (at most two more, as in

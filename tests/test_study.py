@@ -120,16 +120,20 @@ def test_long_runs_each_optimizer_around_its_tuned_lr_brackets_it_then_seeds_the
 
 def test_beta_grid_goes_lower_while_the_lowest_lr_wins(tmp_path, monkeypatch):
     """An EMA (beta > 0) wants a lower rate than a sum: with beta 0.999 the best is below 1/16 of the tuned
-    rate, so one more rate 4x lower is tried; every beta's best gets seeds, and beta 0 (the tuned setting,
-    whose seeds the tune part ran) is not run again."""
+    rate, so rates 4x lower are tried until one loses; every beta's best gets seeds, and beta 0 (the tuned
+    setting, whose seeds the tune part ran) is not run again. Run again (a continued study), it adds nothing."""
     launched = _fake_train(monkeypatch, tmp_path,
                            lambda lr, m, b, steps: 60 - abs(math.log2(lr / (0.05 if b < 0.99 else 0.0005))), BEST)
     study.betas("mt")
-    assert ["schedule.warmup_fraction=0.05", "optim.momentum=0", "optim.beta=0.999", "optim.lr=0.05,0.0125,0.003125"] \
-        in launched
-    assert ["schedule.warmup_fraction=0.05", "optim.momentum=0", "optim.beta=0.999", "optim.lr=0.00078125"] in launched
+    fixed = ["schedule.warmup_fraction=0.05", "optim.momentum=0", "optim.beta=0.999"]
+    assert [*fixed, "optim.lr=0.05,0.0125,0.003125"] in launched
+    assert [*fixed, "optim.lr=0.00078125"] in launched and [*fixed, "optim.lr=0.000195313"] in launched
     seeded = [o for o in launched if any(x.startswith("trainer.seed=") for x in o)]
     assert len(seeded) == 3 and all("trainer.seed=1,2" in o for o in seeded)
+    assert "optim.lr=0.00078125" in seeded[2]
+    once = len(study.jobs_of("mt", "sm3", "_beta"))
+    study.betas("mt")
+    assert len(study.jobs_of("mt", "sm3", "_beta")) == once
     assert not any("optim.beta=0" in o for o in launched)
     from scripts.study_report import beta_section
 
