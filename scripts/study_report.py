@@ -346,6 +346,22 @@ def _recorded(runs: Path, sweeps: tuple[str, ...] = ("*",), key: str = "cpu") ->
     return sorted(n for n in names if n)
 
 
+def machine_time(runs: Path) -> list[str]:
+    """The runs' own wall minutes (summary.json's wall_seconds) summed per CPU and precision: where a study
+    continued on another kind of machine, which of its time came from which."""
+    spent: dict[tuple[str, str], list[float]] = {}
+    for summary in runs.glob("*/*/summary.json"):
+        s = json.loads(summary.read_text())
+        spent.setdefault((s.get("cpu", "not recorded"), s.get("precision", "float32")), []).append(
+            s.get("wall_seconds", 0.0))
+    if not spent:
+        return []
+    rows = [["CPU", "precision", "runs", "minutes of the runs"]] + [
+        [cpu, precision, str(len(t)), f"{sum(t) / 60:.1f}"] for (cpu, precision), t in sorted(spent.items())]
+    return ["The runs' own wall time, by the machine that ran them (one run per core; bf16 on a CPU without bf16 "
+            "instructions is emulated, and slower than float32 there):", "", _table(rows)]
+
+
 WALL = "study, start to end"  # timings.json: scripts/study.py's own wall time, over the sessions that ran it
 KEPT = ("config.yaml", "summary.json", "metrics.jsonl")  # a run's record; its checkpoints stay behind
 
@@ -446,6 +462,7 @@ def write_report(runs: Path, out: Path) -> Path:
                   "| --- | ---: |", *(f"| {k} | {v / 60:.1f} |" for k, v in spent.items()),
                   f"| all phases | {sum(spent.values()) / 60:.1f} |",
                   *([f"| **the study, start to end** | **{wall / 60:.1f}** |"] if wall is not None else []), ""]
+    lines += machine_time(runs)
     commands = runs / "commands.log"
     if commands.exists():
         lines += ["## Every launch, in order", "",

@@ -410,3 +410,17 @@ def test_out_sends_the_records_of_a_new_study_there(tmp_path, monkeypatch):
     study.main()
     assert "experiment=study/mt_adam" in (out / "runs" / "commands.log").read_text()
     assert study.BEST == out / "best.json" and study.PRECISION is None and not committed.exists()
+
+
+def test_the_report_sums_the_runs_time_by_the_machine_that_ran_them(tmp_path):
+    """A study continued on another kind of CPU: the report says how much of the runs' time each machine gave."""
+    from scripts.study_report import machine_time
+
+    for name, cpu, precision, seconds in (("a", "AMD EPYC", "bf16 autocast", 120.0), ("b", "AMD EPYC", "bf16 autocast",
+                                          60.0), ("c", "Intel Xeon", "bf16 autocast", 300.0)):
+        job = tmp_path / "mt_adam" / name
+        job.mkdir(parents=True)
+        (job / "summary.json").write_text(json.dumps({"cpu": cpu, "precision": precision, "wall_seconds": seconds}))
+    table = "\n".join(machine_time(tmp_path))
+    assert "| AMD EPYC | bf16 autocast | 2 | 3.0 |" in table and "| Intel Xeon | bf16 autocast | 1 | 5.0 |" in table
+    assert machine_time(tmp_path / "none") == []
