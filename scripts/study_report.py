@@ -146,7 +146,8 @@ def equal_memory_section(runs: Path, out: Path, task: str = "mt") -> list[str]:
     lines = [f"Budget: {plan['budget_bytes'] / MIB:.1f} MiB of parameters, gradients and optimizer state "
              "(Adam's tuned run, `sm3.optimizer_state_bytes`); each optimizer trains the widest "
              "`transformer_tiny` (d_ff = 4 d_model) that fits, at its tuned setting.", "",
-             "\n".join("| " + " | ".join(r) + " |" for r in rows), ""]
+             "\n".join("| " + " | ".join(r) + " |" for r in rows), "",
+             *machines_note([j for groups in (base, wide) for g in groups.values() for j in g])]
     compared = {k + " (equal memory)": v for k, v in wide.items()}
     compared.update({k: v for k, v in base.items() if k.startswith("adam")})
     for x, file in (("step", f"{task}_equal_memory_steps.png"), ("train_seconds", f"{task}_equal_memory_time.png")):
@@ -154,6 +155,17 @@ def equal_memory_section(runs: Path, out: Path, task: str = "mt") -> list[str]:
         lines += [f"![{file}]({file})", ""]
     lines += [f"![{task}_memory.png]({_draw_memory(points, name, out / f'{task}_memory.png').name})", ""]
     return lines
+
+
+def machines_note(jobs: list[Job]) -> list[str]:
+    """A warning line where these runs' seconds come from more than one kind of machine or precision."""
+    machines = sorted({f"{j.summary.get('cpu', 'CPU not recorded')}, {j.summary.get('precision', 'float32')}"
+                       for j in jobs if j.summary})
+    if len(machines) < 2:
+        return []
+    return [f"These runs' seconds come from more than one machine ({'; '.join(machines)}): compare seconds only "
+            "between runs of one machine (summary.json names it). The equal-time page measured its steps side by "
+            "side in one process.", ""]
 
 
 def _draw_memory(points: list, name: str, path: Path) -> Path:
@@ -297,6 +309,7 @@ def long_section(runs: Path, out: Path, task: str, best: dict) -> list[str]:
         return []
     lines = [f"The {STEPS[task]}-step column is the tune page's ([{task}_tune.md]({task}_tune.md)); every "
              f"optimizer kept its warm-up fraction, so its warm-up is {HORIZON}x longer in steps.", "", _table(rows),
+             *machines_note([j for g in groups.values() for j in g] + checks),
              "Every run (the learning-rate check is seed 0):", ""]
     for optim in OPTIMIZERS:
         jobs = [j for j in checks if j.path.parent.name == f"{task}_{optim}_long"]

@@ -424,3 +424,17 @@ def test_the_report_sums_the_runs_time_by_the_machine_that_ran_them(tmp_path):
     table = "\n".join(machine_time(tmp_path))
     assert "| AMD EPYC | bf16 autocast | 2 | 3.0 |" in table and "| Intel Xeon | bf16 autocast | 1 | 5.0 |" in table
     assert machine_time(tmp_path / "none") == []
+
+
+def test_seconds_from_two_machines_are_flagged(tmp_path):
+    """Equal memory's wider runs ran on another CPU than Adam's: its seconds column and time plot say so."""
+    from scripts.compare import Job
+    from scripts.study_report import machines_note
+
+    def job(cpu, precision="bf16 autocast"):
+        return Job(name="run", path=tmp_path, summary={"cpu": cpu, "precision": precision})
+
+    assert machines_note([job("AMD EPYC"), job("AMD EPYC")]) == []
+    note = machines_note([job("AMD EPYC"), job("Intel Xeon")])
+    assert "AMD EPYC, bf16 autocast; Intel Xeon, bf16 autocast" in note[0]
+    assert machines_note([job("AMD EPYC"), job("AMD EPYC", "float32")])
