@@ -315,10 +315,11 @@ def momentum(task: str = "mt") -> None:
 
 def betas(task: str) -> None:
     """SM3's tuned setting with each beta > 0 at BETA_LR_DIVISORS of its learning rate (4x lower while the
-    lowest wins, at most twice), then the best of each beta with seeds 1 and 2. Beta 0 is the tuned setting itself, whose
-    seeds the tune part ran: the report takes them from there."""
+    lowest wins, at most twice), then the best of each beta with seeds 1 and 2. Beta 0 is the tuned setting
+    itself, whose seeds the tune part ran: the report takes them from there."""
     tuned = best_overrides(task, "sm3")
     lr, fixed = _lr(tuned), _without(tuned, "optim.lr", "optim.beta")
+
     def seed0(beta: float) -> list[Job]:
         return [j for j in jobs_of(task, "sm3", "_beta") if setting(j)["optim.beta"] == beta
                 and setting(j)["trainer.seed"] == 0]
