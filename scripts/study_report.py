@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 from scripts.compare import Job, _save, draw_seed_bands, find_jobs, fmt_mean_std, mean_std, seeds_table
@@ -361,18 +362,33 @@ def _recorded(runs: Path, sweeps: tuple[str, ...] = ("*",), key: str = "cpu") ->
 
 def machine_time(runs: Path) -> list[str]:
     """The runs' own wall minutes (summary.json's wall_seconds) summed per CPU and precision: where a study
-    continued on another kind of machine, which of its time came from which."""
-    spent: dict[tuple[str, str], list[float]] = {}
-    for summary in runs.glob("*/*/summary.json"):
-        s = json.loads(summary.read_text())
-        spent.setdefault((s.get("cpu", "not recorded"), s.get("precision", "float32")), []).append(
-            s.get("wall_seconds", 0.0))
-    if not spent:
+    continued on another kind of machine, which of its time came from which; and every run at each machine's pace
+    (a run of another machine counted as the median of this one's runs of its kind: task, steps, width)."""
+    runs_of: dict[tuple[str, str], list[tuple[tuple, float]]] = {}
+    for sweep in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
+        for job in _jobs(runs, sweep.name):
+            if job.summary is None:
+                continue
+            kind = (sweep.name.split("_")[0], job.config.get("trainer", {}).get("max_steps"),
+                    job.config.get("model", {}).get("d_model"))
+            machine = (job.summary.get("cpu", "not recorded"), job.summary.get("precision", "float32"))
+            runs_of.setdefault(machine, []).append((kind, job.summary.get("wall_seconds", 0.0)))
+    if not runs_of:
         return []
-    rows = [["CPU", "precision", "runs", "minutes of the runs"]] + [
-        [cpu, precision, str(len(t)), f"{sum(t) / 60:.1f}"] for (cpu, precision), t in sorted(spent.items())]
+    rows = [["CPU", "precision", "runs", "minutes of the runs", "every run at its pace"]]
+    for machine, own in sorted(runs_of.items()):
+        pace: dict[tuple, list[float]] = {}
+        for kind, seconds in own:
+            pace.setdefault(kind, []).append(seconds)
+        at_pace = [t for _, t in own] + [statistics.median(pace[kind]) if kind in pace else None
+                                         for other, theirs in runs_of.items() if other != machine for kind, _ in theirs]
+        rows.append([*machine, str(len(own)), f"{sum(t for _, t in own) / 60:.1f}",
+                     f"{sum(at_pace) / 60:.1f}" if None not in at_pace else "–"])
     return ["The runs' own wall time, by the machine that ran them (one run per core; bf16 on a CPU without bf16 "
-            "instructions is emulated, and slower than float32 there):", "", _table(rows)]
+            "instructions is emulated, and slower than float32 there). The last column counts every run of the "
+            "study at that machine's pace (another machine's run as the median of this one's runs of its kind: "
+            "task, steps, width; – where it ran no run of some kind): the study's one-core minutes there, so half "
+            "of it is the least two lanes take.", "", _table(rows)]
 
 
 WALL = "study, start to end"  # timings.json: scripts/study.py's own wall time, over the sessions that ran it

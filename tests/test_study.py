@@ -413,16 +413,21 @@ def test_out_sends_the_records_of_a_new_study_there(tmp_path, monkeypatch):
 
 
 def test_the_report_sums_the_runs_time_by_the_machine_that_ran_them(tmp_path):
-    """A study continued on another kind of CPU: the report says how much of the runs' time each machine gave."""
+    """A study continued on another kind of CPU: the report says how much of the runs' time each machine gave, and
+    what the whole study comes to at each one's pace (the other's runs counted as its median run of that kind)."""
     from scripts.study_report import machine_time
 
-    for name, cpu, precision, seconds in (("a", "AMD EPYC", "bf16 autocast", 120.0), ("b", "AMD EPYC", "bf16 autocast",
-                                          60.0), ("c", "Intel Xeon", "bf16 autocast", 300.0)):
+    for name, cpu, steps, seconds in (("a", "AMD EPYC", 600, 120.0), ("b", "AMD EPYC", 600, 60.0),
+                                      ("c", "AMD EPYC", 2400, 240.0), ("d", "Intel Xeon", 600, 300.0)):
         job = tmp_path / "mt_adam" / name
         job.mkdir(parents=True)
-        (job / "summary.json").write_text(json.dumps({"cpu": cpu, "precision": precision, "wall_seconds": seconds}))
+        (job / "config.yaml").write_text(json.dumps({"trainer": {"max_steps": steps}, "model": {"d_model": 128}}))
+        (job / "summary.json").write_text(json.dumps({"cpu": cpu, "precision": "bf16 autocast",
+                                                      "wall_seconds": seconds}))
     table = "\n".join(machine_time(tmp_path))
-    assert "| AMD EPYC | bf16 autocast | 2 | 3.0 |" in table and "| Intel Xeon | bf16 autocast | 1 | 5.0 |" in table
+    # the AMD's pace: its own 7 minutes, and the Intel's 600-step run as its median 600-step run (90 s)
+    assert "| AMD EPYC | bf16 autocast | 3 | 7.0 | 8.5 |" in table
+    assert "| Intel Xeon | bf16 autocast | 1 | 5.0 | – |" in table  # it ran no 2400-step run
     assert machine_time(tmp_path / "none") == []
 
 
