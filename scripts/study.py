@@ -34,6 +34,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from scripts.compare import Job, find_jobs, mean_std
 from scripts.study_report import WALL, archive, copy_runs, write_report
 from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_WARMUP, HORIZON, KIND,
@@ -116,6 +118,9 @@ def launch(task: str, optim: str, overrides: list[str], suffix: str = "") -> Non
                f"hydra.sweep.dir={sweep_dir(task, optim, suffix)}", *overrides,
                *([f"trainer.precision={PRECISION}"] if PRECISION else []), *EXTRA]
     line = " ".join(command[1:]).replace(str(ROOT) + "/", "")
+    if all(_finished(job) for job in job_dirs(command[3:])):  # train.py would skip each: save its start-up
+        print("= finished:", line, flush=True)
+        return
     print("+", line, flush=True)
     with _RECORD:
         RECORD.mkdir(parents=True, exist_ok=True)
@@ -133,6 +138,35 @@ def launch(task: str, optim: str, overrides: list[str], suffix: str = "") -> Non
         archive(RUNS, RECORD)
     if STOP.is_set():
         raise Stopped
+
+
+def job_dirs(arguments: list[str]) -> list[Path]:
+    """The job directories of a multirun of train.py with these arguments (``experiment=...``, hydra.sweep.dir and
+    the overrides), named as Hydra's basic sweeper names them: the experiment's sweep params, replaced by the
+    arguments' keys, every value list expanded, each job's overrides less the experiment's exclude_keys."""
+    from hydra._internal.config_loader_impl import get_overrides_dirname
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from trainer.config import compose
+
+    sweep = Path(next(a for a in arguments if a.startswith("hydra.sweep.dir=")).split("=", 1)[1])
+    task_arguments = [a for a in arguments if not a.startswith("hydra.")]
+    hydra = compose([a for a in task_arguments if a.startswith("experiment=")], hydra_config=True).hydra
+    naming, parser = hydra.job.config.override_dirname, OverridesParser.create()
+    params = [f"{k}={v}" for k, v in (hydra.sweeper.params or {}).items()]
+    jobs = BasicSweeper.split_arguments(parser.parse_overrides(params + task_arguments), None)[0]
+    return [sweep / get_overrides_dirname(parser.parse_overrides(job), list(naming.exclude_keys), naming.item_sep,
+                                          naming.kv_sep) for job in jobs]
+
+
+def _finished(job: Path) -> bool:
+    """What train.py's ``finished`` skips: a summary at the run's trainer.max_steps."""
+    try:
+        steps = json.loads((job / "summary.json").read_text())["step"]
+        return steps >= OmegaConf.load(job / "config.yaml").trainer.max_steps
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def jobs_of(task: str, optim: str, suffix: str = "") -> list[Job]:

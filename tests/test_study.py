@@ -443,3 +443,31 @@ def test_seconds_from_two_machines_are_flagged(tmp_path):
     note = machines_note([job("AMD EPYC"), job("Intel Xeon")])
     assert "AMD EPYC, bf16 autocast; Intel Xeon, bf16 autocast" in note[0]
     assert machines_note([job("AMD EPYC"), job("AMD EPYC", "float32")])
+
+
+def test_a_launch_whose_jobs_have_all_finished_starts_nothing(tmp_path, monkeypatch):
+    """Continuing a complete study used to start train.py once per launch only for it to skip every job (~8 s
+    each, ~5 minutes in all): the study names the jobs as Hydra does and launches only when one is unfinished."""
+    recorded = ROOT / "docs" / "study" / "runs" / "mt_sm3_long"
+    long_check = ["experiment=study/mt_sm3", f"hydra.sweep.dir={recorded}", "schedule.warmup_fraction=0.02",
+                  "optim.momentum=0", "optim.beta=0", *study.horizon("mt"), "optim.lr=0.0125,0.05",
+                  "trainer.precision=bf16"]
+    names = [d.name for d in study.job_dirs(long_check)]
+    assert len(names) == 2 and all((recorded / n / "summary.json").exists() for n in names), names
+
+    monkeypatch.setattr(study, "RUNS", tmp_path)
+    monkeypatch.setattr(study, "RECORD", tmp_path / "record")
+    monkeypatch.setattr(study, "PRECISION", "bf16")
+    calls = []
+    monkeypatch.setattr(study, "_run", lambda command, **kw: calls.append(command))
+    grid = study.job_dirs(["experiment=study/mt_adam", f"hydra.sweep.dir={tmp_path / 'mt_adam'}"])
+    assert sorted(d.name for d in grid) == sorted(f"optim.lr={lr:g}" for lr in study.grid("mt", "adam")["optim.lr"])
+    for job in grid:
+        job.mkdir(parents=True)
+        (job / "config.yaml").write_text("trainer:\n  max_steps: 600\n")
+        (job / "summary.json").write_text(json.dumps({"step": 600}))
+    study.launch("mt", "adam", [])
+    assert calls == []
+    (grid[0] / "summary.json").write_text(json.dumps({"step": 300}))  # stopped by trainer.max_minutes: goes on
+    study.launch("mt", "adam", [])
+    assert len(calls) == 1
