@@ -471,3 +471,14 @@ def test_a_launch_whose_jobs_have_all_finished_starts_nothing(tmp_path, monkeypa
     (grid[0] / "summary.json").write_text(json.dumps({"step": 300}))  # stopped by trainer.max_minutes: goes on
     study.launch("mt", "adam", [])
     assert len(calls) == 1
+
+
+def test_lanes_compose_configs_at_once():
+    """Two lanes naming their jobs at the same moment: Hydra's global state must not see two initialisations."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    arguments = [[f"experiment=study/mt_{optim}", f"hydra.sweep.dir=/tmp/{optim}"] for optim in study.OPTIMIZERS * 3]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        named = list(pool.map(study.job_dirs, arguments))
+    assert [len(dirs) for dirs in named] == [len(study.grid("mt", o)["optim.lr"]) * (2 if o == "sm3" else 1)
+                                             for o in study.OPTIMIZERS * 3]

@@ -6,6 +6,7 @@ YAML files in `conf/` only fill values: a misspelt key or a wrong type fails at 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -202,14 +203,18 @@ def register() -> None:
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
+_COMPOSING = threading.Lock()  # Hydra's state is one per process: threads (the study's lanes) compose in turn
+
+
 def compose(overrides=(), hydra_config: bool = False):
     """conf/config.yaml with ``overrides``, as train.py sees it (outside a Hydra app: scripts, tests);
     ``hydra_config`` adds the ``hydra`` node (launcher, sweeper)."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
     register()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+    with _COMPOSING, initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
+
 
 
 # --- checks at start, beyond types: unknown keys (also those added with `+`) and value ranges ---------
