@@ -6,11 +6,13 @@ every optimizer's best setting run at 4x the steps and at equal wall time.
     uv run python scripts/study.py --part long beta     # some parts (from best.json when tune's runs are absent)
     uv run python scripts/study.py --report             # only the report, from the runs' records
     uv run python scripts/study.py --tasks lm           # one task
+    uv run python scripts/study.py --out docs/study_new --runs multirun/study_new   # a new study from nothing
 
 The parts and their protocol are in scripts/study_protocol.py (PROTOCOL), which the report quotes.
 Runs live under multirun/study/<task>_<optim>[_<part>]/ (Hydra multiruns of train.py; a finished run is
 never redone, so a stopped study (SIGTERM or Ctrl-C: the running jobs checkpoint, and each phase's time so far is
-kept) continues where it stopped, on another machine too: the committed record is restored there first). Each finished run's record (config,
+kept) continues where it stopped, on another machine too: the committed record is restored there first, its
+precision is kept, and a launch whose jobs have all finished is not started). Each finished run's record (config,
 summary, metrics; not its checkpoints) is copied to docs/study/runs/, with the plans, every phase's wall
 time (timings.json) and every launch (commands.log): the report is drawn from there, a page per part and
 task, so the evidence outlives the machine and a page of a part not rerun is kept. Phases run two at a time
