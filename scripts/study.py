@@ -415,7 +415,8 @@ def seconds_per_step(task: str, plan: dict, rounds: int = 5, steps: int = 4) -> 
                                          *_width(entry["d_model"])]))
                 for optim, entry in plan.items() if isinstance(entry, dict)}
     times: dict[str, list[float]] = {optim: [] for optim in steppers}
-    precision = PRECISION or _precision(compose([f"experiment=study/{task}_adam"]).trainer.precision)  # the runs''
+    # the runs' own: the pinned precision, else what the study configs' auto picks here
+    precision = PRECISION or _precision(compose([f"experiment=study/{task}_adam"]).trainer.precision)
     for stepper in steppers.values():
         stepper.step(precision)  # one-time costs
     for _ in range(rounds):

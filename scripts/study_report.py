@@ -158,10 +158,14 @@ def equal_memory_section(runs: Path, out: Path, task: str = "mt") -> list[str]:
     return lines
 
 
+def _machine(summary: dict) -> tuple[str, str]:
+    """(CPU, precision) a run's summary names; runs from before summary.json named the precision were float32."""
+    return summary.get("cpu", "CPU not recorded"), summary.get("precision", "float32")
+
+
 def machines_note(jobs: list[Job]) -> list[str]:
     """A warning line where these runs' seconds come from more than one kind of machine or precision."""
-    machines = sorted({f"{j.summary.get('cpu', 'CPU not recorded')}, {j.summary.get('precision', 'float32')}"
-                       for j in jobs if j.summary})
+    machines = sorted({", ".join(_machine(j.summary)) for j in jobs if j.summary})
     if len(machines) < 2:
         return []
     return [f"These runs' seconds come from more than one machine ({'; '.join(machines)}): compare seconds only "
@@ -371,8 +375,7 @@ def machine_time(runs: Path) -> list[str]:
                 continue
             kind = (sweep.name.split("_")[0], job.config.get("trainer", {}).get("max_steps"),
                     job.config.get("model", {}).get("d_model"))
-            machine = (job.summary.get("cpu", "not recorded"), job.summary.get("precision", "float32"))
-            runs_of.setdefault(machine, []).append((kind, job.summary.get("wall_seconds", 0.0)))
+            runs_of.setdefault(_machine(job.summary), []).append((kind, job.summary.get("wall_seconds", 0.0)))
     if not runs_of:
         return []
     rows = [["CPU", "precision", "runs", "minutes of the runs", "every run at its pace"]]
