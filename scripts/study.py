@@ -39,10 +39,11 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from scripts.compare import Job, find_jobs, mean_std
-from scripts.study_report import WALL, archive, copy_runs, write_report
+from scripts.study_report import WALL, archive, at_pace, copy_runs, write_report
 from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_WARMUP, HORIZON, KIND,
                                     MAX_EXTENSIONS, MOMENTUM_WARMUPS, OPTIMIZERS, ROOT, SEEDS, STEPS, TASKS,
-                                    WARMUPS, WIDTHS, footprint, grid, same_setting, score, setting)
+                                    WARMUPS, WIDTHS, footprint, grid, momentum_grid_runs, same_setting, score,
+                                    setting)
 
 RUNS = ROOT / "multirun" / "study"
 RECORD = ROOT / "docs" / "study" / "runs"  # committed: each finished run's record, plans, phase times, launches
@@ -333,17 +334,24 @@ def equal_memory(task: str = "mt") -> dict:
 
 def momentum(task: str = "mt") -> None:
     """The momentum diagnosis (scripts/study_momentum.py), then momentum 0.9 at its best learning rate and 2x it
-    with longer warm-ups, and the best of those at HORIZON times the steps."""
+    with longer warm-ups (with the grid's, tune's runs: not run again), and the best of those at HORIZON times the
+    steps."""
     from scripts import study_momentum
 
     if not (RECORD / "momentum.json").exists():
         study_momentum.run(RECORD / "momentum.json")
     tuned = best_overrides(task, "sm3", 0.9)
     lr, fixed = _lr(tuned), _without(tuned, "optim.lr", "schedule.warmup_fraction")
-    launch(task, "sm3", fixed + [_values("optim.lr", (lr, 2 * lr)),
-                                 _values("schedule.warmup_fraction", (GRID_WARMUP, *MOMENTUM_WARMUPS))],
+    lrs = (lr, 2 * lr)
+    launch(task, "sm3", fixed + [_values("optim.lr", lrs), _values("schedule.warmup_fraction", MOMENTUM_WARMUPS)],
            suffix="_momentum")
-    short = [j for j in jobs_of(task, "sm3", "_momentum") if setting(j)["trainer.max_steps"] == STEPS[task]]
+    grid_runs = momentum_grid_runs(jobs_of(task, "sm3"), lrs)  # the paper's warm-up: tune ran these
+    missing = [x for x in lrs if not any(math.isclose(setting(j)["optim.lr"], x, rel_tol=1e-4) for j in grid_runs)]
+    if missing:
+        launch(task, "sm3", fixed + [_values("optim.lr", missing), f"schedule.warmup_fraction={GRID_WARMUP:g}"],
+               suffix="_momentum")
+    short = grid_runs + [j for j in jobs_of(task, "sm3", "_momentum")
+                         if setting(j)["trainer.max_steps"] == STEPS[task]]
     best = max(short, key=lambda j: score(j, task), default=None)
     if best is not None:
         launch(task, "sm3", overrides_of(best, "sm3") + horizon(task), suffix="_momentum")
@@ -427,7 +435,8 @@ def seconds_per_step(task: str, plan: dict, rounds: int = 5, steps: int = 4) -> 
 
 def equal_time(task: str = "mt") -> dict:
     """Adam at width 128 and each EQUAL_MEMORY optimizer at its equal-memory width, the same training time:
-    ``STEPS * t_adam / t_optim`` steps each, with seeds 0, 1, 2; the plan goes to equal_time.json."""
+    ``STEPS * t_adam / t_optim`` steps each, with seeds 0, 1, 2 (Adam's: the tune part's, the same runs); the plan
+    goes to equal_time.json."""
     path = RECORD / f"{task}_equal_time.json"
     if path.exists():  # the step counts were measured once: a continued study keeps them
         plan = json.loads(path.read_text())
@@ -439,7 +448,8 @@ def equal_time(task: str = "mt") -> dict:
             plan[optim].update(seconds_per_step=t, steps=round(STEPS[task] * seconds["adam"] / t))
         RECORD.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(plan, indent=2))
-    for optim in ("adam", *EQUAL_MEMORY):
+    # Adam's runs are its tuned ones: the budget's width and STEPS steps, as the formula gives (tune's seeds)
+    for optim in EQUAL_MEMORY:
         entry = plan[optim]
         launch(task, optim, entry["overrides"] + _width(entry["d_model"]) + [
             f"trainer.max_steps={entry['steps']}", f"trainer.eval_interval={max(1, entry['steps'] // 6)}",
@@ -480,11 +490,63 @@ def tune_optimizer(task: str, optim: str) -> None:
 # lanes take the next as each frees. Every later part starts from best.json, written once tuning is done.
 TUNING = tuple((task, optim) for task in TASKS for optim in ("sm3", "adafactor", "adagrad", "adam"))
 # The parts after tuning, the longest first (the long part in two halves), so that side-by-side lanes finish
-# close together.
+# close together: the order of their one-core minutes in the record (`projection`; a test checks it).
 HALVES = (OPTIMIZERS[:2], OPTIMIZERS[2:])
-LATER = tuple((task, "long", long, half) for task in TASKS for half in HALVES) + (
-    ("mt", "beta", betas), ("mt", "momentum", momentum), ("mt", "equal-time", equal_time), ("lm", "beta", betas),
-    ("mt", "equal memory", equal_memory))
+LATER = tuple(("mt", "long", long, half) for half in HALVES) + (("mt", "beta", betas), ("mt", "momentum", momentum)) + \
+    tuple(("lm", "long", long, half) for half in HALVES) + (
+    ("mt", "equal memory", equal_memory), ("mt", "equal-time", equal_time), ("lm", "beta", betas))
+
+
+def phase_sweeps(task: str, part: str, *args) -> list[str]:
+    """The sweeps (record folders) a later phase's runs go to."""
+    if part == "long":
+        return [f"{task}_{optim}_long" for optim in args[0]]
+    if part in ("beta", "momentum"):
+        return [f"{task}_sm3_{part}"]
+    return [f"{task}_{optim}_{part.replace(' ', '_').replace('-', '_')}" for optim in EQUAL_MEMORY]
+
+
+def two_lanes(stages: list[list[float]]) -> float:
+    """When the last phase ends: each stage's phases (their minutes) taken in order by whichever of two lanes
+    frees first, as ``_side_by_side`` does; a stage starts once the one before has ended."""
+    end = 0.0
+    for phases in stages:
+        lanes = [end, end]
+        for minutes in phases:
+            lanes[lanes.index(min(lanes))] += minutes
+        end = max(lanes)
+    return end
+
+
+def phase_minutes(record: Path) -> tuple[tuple[str, str] | None, list[tuple[str, float | None]], list]:
+    """(the machine whose pace counts, [(tuning phase, minutes)], [(later phase, minutes)]): each phase's runs in
+    one-core minutes at the pace of the machine that ran most of the record (None where it cannot be counted)."""
+    machine, paced = at_pace(record)
+
+    def minutes(sweeps: list[str]) -> float | None:
+        seconds = [t for sweep in sweeps for t in paced.get(sweep, [])]
+        return None if None in seconds else sum(seconds) / 60
+
+    return (machine, [(f"{task} tune {optim}", minutes([f"{task}_{optim}"])) for task, optim in TUNING],
+            [(_phase_name(task, part, args), minutes(phase_sweeps(task, part, *args)))
+             for task, part, _, *args in LATER])
+
+
+def projection(record: Path) -> list[str]:
+    """The report's lines on how long one pass of the study takes: each phase's runs at one machine's pace, and
+    when two lanes taking them in the study's order end."""
+    machine, tuning, later = phase_minutes(record)
+    if machine is None or any(m is None for _, m in tuning + later):
+        return []
+    end = two_lanes([[m for _, m in tuning], [m for _, m in later]])
+    total = sum(m for _, m in tuning + later)
+    return [f"One pass of this protocol, from the record: each phase's runs in one-core minutes at the pace of the "
+            f"{machine[0]} ({machine[1]}), and when two lanes taking the phases in the study's order (tuning first, "
+            "then the rest) end. The runs alone: each launch's start, the momentum trace and equal time's "
+            "step timing come on top.", "", "| phase | one-core minutes |", "| --- | ---: |",
+            *(f"| {name} | {m:.1f} |" for name, m in tuning + later),
+            f"| all runs | {total:.1f} |", f"| **two lanes, start to end** | **{end:.1f}** (half the runs: "
+            f"{total / 2:.1f}) |", ""]
 
 
 def _phase_name(task: str, part: str, args: tuple) -> str:
@@ -562,7 +624,7 @@ def main() -> None:
                              f"{RECORD}: rerun the same command to continue")
     if RUNS.is_dir():
         archive(RUNS, RECORD)
-    print(f"report: {write_report(RECORD, args.out)}")
+    print(f"report: {write_report(RECORD, args.out, projection(RECORD))}")
 
 
 if __name__ == "__main__":

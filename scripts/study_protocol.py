@@ -28,6 +28,7 @@ BETAS = (0.9, 0.99, 0.999)  # SM3's exponential moving average, besides beta 0
 BETA_LR_DIVISORS = (1, 4, 16)  # an EMA does not shrink its steps as a sum does: lower learning rates too
 MOMENTUM_WARMUPS = (0.2, 0.4)  # momentum 0.9 at its best learning rate, with longer warm-ups
 
+
 PROTOCOL = """The protocol, the same for every optimizer, per task (mt: translation, chosen on validation BLEU;
 lm: language modelling, chosen on validation perplexity; both of the Polyak-averaged parameters,
 what train.py returns to a sweeper). Parts (`--part`):
@@ -46,8 +47,8 @@ what train.py returns to a sweeper). Parts (`--part`):
 - **momentum** (mt): scripts/study_momentum.py traces SM3's first 150 steps at momentum 0 and 0.9
   (loss, update size per kind of parameter, accumulators) and checks the fused kernel against the default
   path and the float64 reference on 200 steps of the model's own gradients; then momentum 0.9 at its best
-  learning rate and 2x it, each with warm-ups over 5%, 20% and 40% of the steps; the best of those at 4x
-  the steps.
+  learning rate and 2x it, each with warm-ups over 20% and 40% of the steps (and 5%, the grid's: tune's runs);
+  the best of those at 4x the steps.
 - **beta**: SM3's best setting with beta 0.9, 0.99 and 0.999 (an exponential moving average instead of a
   sum), each at the best learning rate, 1/4 and 1/16 of it (4x lower while the best is the lowest, at most two more);
   the best of each beta with seeds 0, 1 and 2, against beta 0's (the tune part's seeds of SM3's best).
@@ -88,6 +89,14 @@ def same_setting(a: Job, b: Job) -> bool:
     def key(job):
         return ({k: v for k, v in setting(job).items() if k != "trainer.seed"}, job.config.get("model", {}).get("d_model"))
     return key(a) == key(b)
+
+
+def momentum_grid_runs(jobs: list[Job], lrs) -> list[Job]:
+    """The tune part's seed-0 runs of momentum 0.9 at the grid's warm-up and one of ``lrs``: the momentum part's
+    runs at the paper's warm-up, which it does not run again."""
+    return [j for j in jobs if j.config and setting(j)["optim.momentum"] == 0.9 and setting(j)["trainer.seed"] == 0
+            and setting(j)["schedule.warmup_fraction"] == GRID_WARMUP and not setting(j)["optim.beta"]
+            and any(math.isclose(setting(j)["optim.lr"], x, rel_tol=1e-4) for x in lrs)]
 
 
 def footprint(optim: str, momentum: float, width: int, vocab: int) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from scripts.compare import Job, _save, draw_seed_bands, find_jobs, fmt_mean_std, mean_std, seeds_table
 from scripts.study_protocol import (BETAS, HORIZON, KIND, OPTIMIZERS, PROTOCOL, STEPS, TASKS, footprint,
-                                    same_setting, score, setting)
+                                    momentum_grid_runs, same_setting, score, setting)
 
 MIB = 2**20
 TASK_TITLE = {"mt": "Translation (data=builtin_sentences, transformer_tiny, 600 steps of 1k tokens)",
@@ -268,8 +268,9 @@ def momentum_section(runs: Path, out: Path) -> list[str]:
                       [f"{p['fused_vs_default']:.1e}", f"{p['fused_vs_reference']:.1e}",
                        f"{p['default_vs_reference']:.1e}"]])]
     jobs = _jobs(runs, "mt_sm3_momentum")
-    if jobs:
-        lines += ["Momentum 0.9, full runs:", "", runs_table(jobs, "mt")]
+    if jobs:  # with the grid's warm-up, tune's runs
+        jobs += momentum_grid_runs(_jobs(runs, "mt_sm3"), {setting(j)["optim.lr"] for j in jobs})
+        lines += ["Momentum 0.9, full runs (warm-up 0.05: the tune part's runs):", "", runs_table(jobs, "mt")]
     return lines
 
 
@@ -335,10 +336,12 @@ def equal_time_section(runs: Path, out: Path, task: str = "mt") -> list[str]:
     name = METRIC_NAME[metric]
     rows = [["optimizer", "d_model", "params + grads + state MiB", "s a step (side by side)", "steps", "seeds",
              f"test {name} (averaged)", "training s"]]
+    # Adam's runs are its tuned ones: the budget's width, STEPS steps (scripts/study.py's equal_time)
+    adam = next((g for k, g in best_groups(runs, task).items() if k.startswith("adam")), [])
     groups = {}
     for optim in OPTIMIZERS:
         entry = plan.get(optim)
-        jobs = [j for j in _jobs(runs, f"{task}_{optim}_equal_time") if j.summary is not None]
+        jobs = adam if optim == "adam" else [j for j in _jobs(runs, f"{task}_{optim}_equal_time") if j.summary]
         if not isinstance(entry, dict) or "steps" not in entry:
             continue
         label = f"{optim} d_model {entry['d_model']}, {entry['steps']} steps"
@@ -346,9 +349,12 @@ def equal_time_section(runs: Path, out: Path, task: str = "mt") -> list[str]:
         rows.append([optim, str(entry["d_model"]), f"{entry['bytes'] / MIB:.1f}", f"{entry['seconds_per_step']:.3f}",
                      str(entry["steps"]), str(len(jobs)), fmt_mean_std([_value(j, metric, split="test") for j in jobs]),
                      fmt_mean_std([j.summary.get("train_seconds") for j in jobs], 0)])
+    interval = adam[0].config["trainer"].get("eval_interval", "–") if adam else "–"
     lines = [f"Budget: {plan['budget_bytes'] / MIB:.1f} MiB (Adam's run at width 128) and Adam's {STEPS[task]} steps "
-             "of training time. Each optimizer's seconds a step were measured in one process, the three models "
-             "stepped in turn, so that the machine's drift hit each alike.", "", _table(rows)]
+             f"of training time. Adam's runs are its tuned ones (the tune part's seeds, evaluated every {interval} "
+             "steps; the others every sixth of their steps). Each optimizer's seconds a step were measured in one "
+             "process, the three models stepped in turn, so that the machine's drift hit each alike.", "",
+             _table(rows)]
     _image(lines, draw_seed_bands(groups, metric, name, out / f"{task}_equal_time.png", x="train_seconds"))
     return lines
 
@@ -364,29 +370,49 @@ def _recorded(runs: Path, sweeps: tuple[str, ...] = ("*",), key: str = "cpu") ->
     return sorted(n for n in names if n)
 
 
-def machine_time(runs: Path) -> list[str]:
-    """The runs' own wall minutes (summary.json's wall_seconds) summed per CPU and precision: where a study
-    continued on another kind of machine, which of its time came from which; and every run at each machine's pace
-    (a run of another machine counted as the median of this one's runs of its kind: task, steps, width)."""
-    runs_of: dict[tuple[str, str], list[tuple[tuple, float]]] = {}
+def _timed_runs(runs: Path) -> dict[tuple[str, str], list[tuple[str, tuple, float]]]:
+    """Per machine (CPU, precision): each finished run's (sweep, kind: task, steps, width, wall seconds)."""
+    runs_of: dict[tuple[str, str], list[tuple[str, tuple, float]]] = {}
     for sweep in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
         for job in _jobs(runs, sweep.name):
             if job.summary is None:
                 continue
             kind = (sweep.name.split("_")[0], job.config.get("trainer", {}).get("max_steps"),
                     job.config.get("model", {}).get("d_model"))
-            runs_of.setdefault(_machine(job.summary), []).append((kind, job.summary.get("wall_seconds", 0.0)))
+            runs_of.setdefault(_machine(job.summary), []).append(
+                (sweep.name, kind, job.summary.get("wall_seconds", 0.0)))
+    return runs_of
+
+
+def at_pace(runs: Path, machine: tuple[str, str] | None = None) -> tuple[tuple[str, str] | None, dict[str, list]]:
+    """Every run's wall seconds at one machine's pace (default: the one that ran the most runs), by sweep: its own
+    where it ran there, else the median of that machine's runs of its kind (None where it ran none of the kind)."""
+    runs_of = _timed_runs(runs)
+    if machine is None:
+        machine = max(runs_of, key=lambda m: len(runs_of[m]), default=None)
+    pace: dict[tuple, list[float]] = {}
+    for _, kind, seconds in runs_of.get(machine, []):
+        pace.setdefault(kind, []).append(seconds)
+    by_sweep: dict[str, list] = {}
+    for other, theirs in runs_of.items():
+        for sweep, kind, seconds in theirs:
+            by_sweep.setdefault(sweep, []).append(
+                seconds if other == machine else statistics.median(pace[kind]) if kind in pace else None)
+    return machine, by_sweep
+
+
+def machine_time(runs: Path) -> list[str]:
+    """The runs' own wall minutes (summary.json's wall_seconds) summed per CPU and precision: where a study
+    continued on another kind of machine, which of its time came from which; and every run at each machine's pace
+    (a run of another machine counted as the median of this one's runs of its kind: task, steps, width)."""
+    runs_of = _timed_runs(runs)
     if not runs_of:
         return []
     rows = [["CPU", "precision", "runs", "minutes of the runs", "every run at its pace"]]
     for machine, own in sorted(runs_of.items()):
-        pace: dict[tuple, list[float]] = {}
-        for kind, seconds in own:
-            pace.setdefault(kind, []).append(seconds)
-        at_pace = [t for _, t in own] + [statistics.median(pace[kind]) if kind in pace else None
-                                         for other, theirs in runs_of.items() if other != machine for kind, _ in theirs]
-        rows.append([*machine, str(len(own)), f"{sum(t for _, t in own) / 60:.1f}",
-                     f"{sum(at_pace) / 60:.1f}" if None not in at_pace else "–"])
+        paced = [t for ts in at_pace(runs, machine)[1].values() for t in ts]
+        rows.append([*machine, str(len(own)), f"{sum(t for *_, t in own) / 60:.1f}",
+                     f"{sum(paced) / 60:.1f}" if None not in paced else "–"])
     return ["The runs' own wall time, by the machine that ran them (one run per core; bf16 on a CPU without bf16 "
             "instructions is emulated, and slower than float32 there). The last column counts every run of the "
             "study at that machine's pace (another machine's run as the median of this one's runs of its kind: "
@@ -453,9 +479,10 @@ PAGES = (("tune", "Tuning, seeds and equal memory", lambda task: [*(f"{task}_{o}
           lambda runs, out, task, best: equal_time_section(runs, out) if task == "mt" else []))
 
 
-def write_report(runs: Path, out: Path) -> Path:
+def write_report(runs: Path, out: Path, projection: list[str] = ()) -> Path:
     """A page per part and task whose runs are in ``runs`` (a page of a part with no runs here is kept as it
-    is: an earlier session drew it), and README.md: the protocol, every page, the phase times, the launches."""
+    is: an earlier session drew it), and README.md: the protocol, every page, the phase times (and the lines of
+    ``projection``: scripts/study.py's estimate of one pass), the launches."""
     out.mkdir(parents=True, exist_ok=True)
     best_path = out / "best.json"
     best = json.loads(best_path.read_text()) if best_path.exists() else {}
@@ -494,7 +521,7 @@ def write_report(runs: Path, out: Path) -> Path:
                   "| --- | ---: |", *(f"| {k} | {v / 60:.1f} |" for k, v in spent.items()),
                   f"| all phases | {sum(spent.values()) / 60:.1f} |",
                   *([f"| **the study, start to end** | **{wall / 60:.1f}** |"] if wall is not None else []), ""]
-    lines += machine_time(runs)
+    lines += machine_time(runs) + ["", *projection]
     commands = runs / "commands.log"
     if commands.exists():
         lines += ["## Every launch, in order", "",

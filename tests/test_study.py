@@ -1,6 +1,7 @@
 """The study (scripts/study.py): every configuration composes, every optimizer gets the same task and
 the same kind of grid, and the protocol extends a grid whose best value sits at an end."""
 
+import itertools
 import json
 import math
 import os
@@ -69,19 +70,16 @@ def _fake_train(monkeypatch, tmp_path, bleu_of, best: dict | None = None):
         values.update(o.split("=", 1) for o in overrides)
         steps = int(values.get("trainer.max_steps", study.STEPS[task]))
         beta = float(values.get("optim.beta", 0))
-        warmup = float(values.get("schedule.warmup_fraction", 0.05))
-        for lr in values["optim.lr"].split(","):
-            for momentum in values.get("optim.momentum", "0").split(","):
-                for seed in values.get("trainer.seed", "0").split(","):
-                    job = study.sweep_dir(task, optim, suffix) / (f"optim.lr={lr},m={momentum},b={beta},w={warmup},"
-                                                                  f"s={steps},trainer.seed={seed}")
-                    job.mkdir(parents=True, exist_ok=True)
-                    (job / "config.yaml").write_text(json.dumps({
-                        "optim": {"lr": float(lr), "momentum": float(momentum), "beta": beta},
-                        "schedule": {"warmup_fraction": warmup}, "trainer": {"seed": int(seed), "max_steps": steps}}))
-                    bleu = bleu_of(*(float(lr), float(momentum), beta, steps)[:arity])
-                    (job / "summary.json").write_text(json.dumps({"valid_bleu_averaged": bleu,
-                                                                  "test_bleu_averaged": bleu}))
+        swept = (("optim.lr", ""), ("optim.momentum", "0"), ("schedule.warmup_fraction", "0.05"), ("trainer.seed", "0"))
+        for lr, momentum, warmup, seed in itertools.product(*(values.get(k, d).split(",") for k, d in swept)):
+            job = study.sweep_dir(task, optim, suffix) / (f"optim.lr={lr},m={momentum},b={beta},w={float(warmup)},"
+                                                          f"s={steps},trainer.seed={seed}")
+            job.mkdir(parents=True, exist_ok=True)
+            (job / "config.yaml").write_text(json.dumps({
+                "optim": {"lr": float(lr), "momentum": float(momentum), "beta": beta},
+                "schedule": {"warmup_fraction": float(warmup)}, "trainer": {"seed": int(seed), "max_steps": steps}}))
+            bleu = bleu_of(*(float(lr), float(momentum), beta, steps)[:arity])
+            (job / "summary.json").write_text(json.dumps({"valid_bleu_averaged": bleu, "test_bleu_averaged": bleu}))
 
     monkeypatch.setattr(study, "launch", fake_launch)
     return launched
@@ -164,6 +162,63 @@ def test_sm3_brackets_each_momentum(tmp_path, monkeypatch):
     study.tune("mt", "sm3")
     # 0.00625 beats 0.0125 (the grid's end), so 0.003125 too is tried, and then 0.00625 is bracketed
     assert launched == [[], ["optim.lr=0.00625", "optim.momentum=0.9"], ["optim.lr=0.003125", "optim.momentum=0.9"]]
+
+
+def test_the_momentum_part_takes_the_papers_warm_up_from_tuning(tmp_path, monkeypatch):
+    """Momentum 0.9 with the grid's 5% warm-up at its best rate and 2x it are tune's runs, bitwise the same: the
+    momentum part runs the longer warm-ups only, and the best of all six (here a tune run) goes to 4x the steps.
+    Where tune lacks one of the rates, the momentum part runs it."""
+    launched = _fake_train(monkeypatch, tmp_path, lambda lr, m, b, steps: 60 - abs(math.log2(lr / 1.0)))
+    study.tune("mt", "sm3")  # the grid's top, 0.2, then 0.4 and 0.8 (two extensions, the most): 1.6 is not run
+    paths = dict(steps=1, parameters=1e6, lr=0.1, momentum=0.9, fused_vs_default=0.0, fused_vs_reference=0.0,
+                 default_vs_reference=0.0)
+    (tmp_path / "momentum.json").write_text(json.dumps({"traces": [], "paths": paths}))  # not this test's subject
+    del launched[:]
+    study.momentum("mt")
+    fixed = ["optim.momentum=0.9", "optim.beta=0"]
+    assert launched[0] == [*fixed, "optim.lr=0.8,1.6", "schedule.warmup_fraction=0.2,0.4"]
+    assert launched[1] == [*fixed, "optim.lr=1.6", "schedule.warmup_fraction=0.05"]  # the one tune lacks
+    assert launched[2] == ["optim.lr=0.8", "schedule.warmup_fraction=0.05", *fixed, *study.horizon("mt")]
+    assert len(launched) == 3
+    from scripts.study_report import momentum_section
+
+    page = "\n".join(momentum_section(tmp_path, tmp_path))
+    assert "| lr 0.8, momentum 0.9, warm-up 0.05 | 600 | 0 |" in page  # tune's run, on the momentum page
+
+
+def test_equal_time_takes_adams_runs_from_tuning(tmp_path, monkeypatch):
+    """Adam's equal-time runs are its tuned runs (width 128, 600 steps, the same seeds): only SM3 and Adafactor
+    are launched, and the page shows Adam's three tuned seeds."""
+    launched = _fake_train(monkeypatch, tmp_path, lambda lr, m: 50 - abs(math.log2(lr / 0.004)))
+    optims = []
+    fake = study.launch
+    monkeypatch.setattr(study, "launch", lambda task, optim, *a, **k: (optims.append(optim), fake(task, optim, *a, **k)))
+    study.tune("mt", "adam")
+    study.seeds("mt", "adam")
+    plan = {"budget_bytes": 2**20, "adam": {"d_model": 128, "bytes": 2**20, "overrides": study.best_overrides(
+        "mt", "adam"), "seconds_per_step": 0.1, "steps": 600}}
+    plan.update({o: {"d_model": 176, "bytes": 2**20, "overrides": [], "seconds_per_step": 0.15, "steps": 400}
+                 for o in study.EQUAL_MEMORY})
+    (tmp_path / "mt_equal_time.json").write_text(json.dumps(plan))
+    del optims[:]
+    study.equal_time("mt")
+    assert optims == list(study.EQUAL_MEMORY) and not (tmp_path / "mt_adam_equal_time").exists()
+    from scripts.study_report import equal_time_section
+
+    page = "\n".join(equal_time_section(tmp_path, tmp_path))
+    assert "| adam | 128 | 1.0 | 0.100 | 600 | 3 | 50.00 ± 0.00 |" in page
+
+
+def test_the_later_parts_are_ordered_so_two_lanes_finish_together():
+    """On the committed record's runs (at the pace of the machine that ran most of them), the study's order of
+    the parts after tuning ends as early as the longest-first order. The order before this test put equal memory
+    last: one lane idled ~12 minutes while the other ran it."""
+    machine, tuning, later = study.phase_minutes(study.RECORD)
+    assert machine is not None and all(m is not None and m > 0 for _, m in tuning + later)
+    stages = [[m for _, m in tuning], [m for _, m in later]]
+    longest_first = [[m for _, m in tuning], sorted((m for _, m in later), reverse=True)]
+    assert study.two_lanes(stages) <= study.two_lanes(longest_first) + 0.5
+    assert study.two_lanes([[3, 2, 2, 1], [4, 4]]) == 4 + 4 and study.two_lanes([[5, 1, 1]]) == 5
 
 
 def test_equal_memory_budget_is_what_adams_run_holds():
@@ -404,7 +459,7 @@ def test_out_sends_the_records_of_a_new_study_there(tmp_path, monkeypatch):
     monkeypatch.setattr(study, "PRECISION", None)
     monkeypatch.setattr(study, "_run", lambda command, **kw: None)
     monkeypatch.setattr(study, "run_study", lambda tasks, parts, lanes: study.launch("mt", "adam", []))
-    monkeypatch.setattr(study, "write_report", lambda record, to: to / "README.md")
+    monkeypatch.setattr(study, "write_report", lambda record, to, *projection: to / "README.md")
     monkeypatch.setattr(study.signal, "signal", lambda *a: None)
     monkeypatch.setattr("sys.argv", ["study.py", "--out", str(out), "--runs", str(runs)])
     study.main()
