@@ -448,7 +448,12 @@ def equal_time(task: str = "mt") -> dict:
             plan[optim].update(seconds_per_step=t, steps=round(STEPS[task] * seconds["adam"] / t))
         RECORD.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(plan, indent=2))
-    # Adam's runs are its tuned ones: the budget's width and STEPS steps, as the formula gives (tune's seeds)
+    # Adam's runs are its tuned ones: the budget's width and STEPS steps, as the formula gives. Where tuning's runs
+    # are absent (this part alone, from best.json), they run into tune's folder, as tuning would have run them.
+    if best_job(task, "adam") is None:
+        launch(task, "adam", plan["adam"]["overrides"] + [_values("trainer.seed", (0, *SEEDS))])
+    else:
+        seeds(task, "adam")  # nothing, once tuning has run them
     for optim in EQUAL_MEMORY:
         entry = plan[optim]
         launch(task, optim, entry["overrides"] + _width(entry["d_model"]) + [

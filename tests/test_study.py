@@ -187,8 +187,9 @@ def test_the_momentum_part_takes_the_papers_warm_up_from_tuning(tmp_path, monkey
 
 
 def test_equal_time_takes_adams_runs_from_tuning(tmp_path, monkeypatch):
-    """Adam's equal-time runs are its tuned runs (width 128, 600 steps, the same seeds): only SM3 and Adafactor
-    are launched, and the page shows Adam's three tuned seeds."""
+    """Adam's equal-time runs are its tuned runs (width 128, 600 steps, the same seeds): no equal-time folder of
+    Adam's, and the page shows its three tuned seeds. Run alone, without tune's runs (from best.json), the part runs
+    Adam's seeds 0, 1 and 2 where tuning would have."""
     launched = _fake_train(monkeypatch, tmp_path, lambda lr, m: 50 - abs(math.log2(lr / 0.004)))
     optims = []
     fake = study.launch
@@ -202,11 +203,19 @@ def test_equal_time_takes_adams_runs_from_tuning(tmp_path, monkeypatch):
     (tmp_path / "mt_equal_time.json").write_text(json.dumps(plan))
     del optims[:]
     study.equal_time("mt")
-    assert optims == list(study.EQUAL_MEMORY) and not (tmp_path / "mt_adam_equal_time").exists()
+    assert not (tmp_path / "mt_adam_equal_time").exists()
+    assert optims == ["adam", *study.EQUAL_MEMORY] and launched[-3] == ["optim.lr=0.004",
+                                                                        "schedule.warmup_fraction=0.05",
+                                                                        "trainer.seed=1,2"]  # tune's seeds: skipped
     from scripts.study_report import equal_time_section
 
     page = "\n".join(equal_time_section(tmp_path, tmp_path))
     assert "| adam | 128 | 1.0 | 0.100 | 600 | 3 | 50.00 ± 0.00 |" in page
+    shutil.rmtree(tmp_path / "mt_adam")  # --part equal-time alone, from best.json: Adam's runs go where tune's go
+    del launched[:]
+    study.equal_time("mt")
+    assert launched[0] == [*plan["adam"]["overrides"], "trainer.seed=0,1,2"]
+    assert "| adam | 128 | 1.0 | 0.100 | 600 | 3 | 50.00 ± 0.00 |" in "\n".join(equal_time_section(tmp_path, tmp_path))
 
 
 def test_the_later_parts_are_ordered_so_two_lanes_finish_together():
