@@ -497,9 +497,9 @@ TUNING = tuple((task, optim) for task in TASKS for optim in ("sm3", "adafactor",
 # The parts after tuning, the longest first (the long part in two halves), so that side-by-side lanes finish
 # close together: the order of their one-core minutes in the record (`projection`; a test checks it).
 HALVES = (OPTIMIZERS[:2], OPTIMIZERS[2:])
-LATER = tuple(("mt", "long", long, half) for half in HALVES) + (("mt", "beta", betas), ("mt", "momentum", momentum)) + \
-    tuple(("lm", "long", long, half) for half in HALVES) + (
-    ("mt", "equal memory", equal_memory), ("mt", "equal-time", equal_time), ("lm", "beta", betas))
+LATER = (*(("mt", "long", long, half) for half in HALVES), ("mt", "beta", betas), ("mt", "momentum", momentum),
+         *(("lm", "long", long, half) for half in HALVES), ("mt", "equal memory", equal_memory),
+         ("mt", "equal-time", equal_time), ("lm", "beta", betas))
 
 
 def phase_sweeps(task: str, part: str, *args) -> list[str]:

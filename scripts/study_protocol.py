@@ -28,7 +28,6 @@ BETAS = (0.9, 0.99, 0.999)  # SM3's exponential moving average, besides beta 0
 BETA_LR_DIVISORS = (1, 4, 16)  # an EMA does not shrink its steps as a sum does: lower learning rates too
 MOMENTUM_WARMUPS = (0.2, 0.4)  # momentum 0.9 at its best learning rate, with longer warm-ups
 
-
 PROTOCOL = """The protocol, the same for every optimizer, per task (mt: translation, chosen on validation BLEU;
 lm: language modelling, chosen on validation perplexity; both of the Polyak-averaged parameters,
 what train.py returns to a sweeper). Parts (`--part`):
