@@ -346,7 +346,7 @@ def momentum(task: str = "mt") -> None:
     launch(task, "sm3", fixed + [_values("optim.lr", lrs), _values("schedule.warmup_fraction", MOMENTUM_WARMUPS)],
            suffix="_momentum")
     grid_runs = momentum_grid_runs(jobs_of(task, "sm3"), lrs)  # the paper's warm-up: tune ran these
-    missing = [x for x in lrs if not any(math.isclose(setting(j)["optim.lr"], x, rel_tol=1e-4) for j in grid_runs)]
+    missing = [x for x in lrs if not momentum_grid_runs(grid_runs, [x])]
     if missing:
         launch(task, "sm3", fixed + [_values("optim.lr", missing), f"schedule.warmup_fraction={GRID_WARMUP:g}"],
                suffix="_momentum")

@@ -390,6 +390,10 @@ def at_pace(runs: Path, machine: tuple[str, str] | None = None) -> tuple[tuple[s
     runs_of = _timed_runs(runs)
     if machine is None:
         machine = max(runs_of, key=lambda m: len(runs_of[m]), default=None)
+    return machine, _paced(runs_of, machine)
+
+
+def _paced(runs_of: dict, machine: tuple[str, str] | None) -> dict[str, list]:
     pace: dict[tuple, list[float]] = {}
     for _, kind, seconds in runs_of.get(machine, []):
         pace.setdefault(kind, []).append(seconds)
@@ -398,7 +402,7 @@ def at_pace(runs: Path, machine: tuple[str, str] | None = None) -> tuple[tuple[s
         for sweep, kind, seconds in theirs:
             by_sweep.setdefault(sweep, []).append(
                 seconds if other == machine else statistics.median(pace[kind]) if kind in pace else None)
-    return machine, by_sweep
+    return by_sweep
 
 
 def machine_time(runs: Path) -> list[str]:
@@ -410,7 +414,7 @@ def machine_time(runs: Path) -> list[str]:
         return []
     rows = [["CPU", "precision", "runs", "minutes of the runs", "every run at its pace"]]
     for machine, own in sorted(runs_of.items()):
-        paced = [t for ts in at_pace(runs, machine)[1].values() for t in ts]
+        paced = [t for ts in _paced(runs_of, machine).values() for t in ts]
         rows.append([*machine, str(len(own)), f"{sum(t for *_, t in own) / 60:.1f}",
                      f"{sum(paced) / 60:.1f}" if None not in paced else "–"])
     return ["The runs' own wall time, by the machine that ran them (one run per core; bf16 on a CPU without bf16 "

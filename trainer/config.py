@@ -216,7 +216,6 @@ def compose(overrides=(), hydra_config: bool = False):
         return hydra_compose(config_name="config", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
-
 # --- checks at start, beyond types: unknown keys (also those added with `+`) and value ranges ---------
 
 def _at_least(low):
