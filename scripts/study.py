@@ -24,6 +24,7 @@ on every core.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from scripts.compare import Job, find_jobs, mean_std
-from scripts.study_report import WALL, archive, at_pace, copy_runs, write_report
+from scripts.study_report import WALL, archive, at_pace, copy_runs, wall_seconds, write_report
 from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_WARMUP, HORIZON, KIND,
                                     MAX_EXTENSIONS, MOMENTUM_WARMUPS, OPTIMIZERS, ROOT, SEEDS, STEPS, TASKS,
                                     WARMUPS, WIDTHS, footprint, grid, momentum_grid_runs, same_setting, score,
@@ -47,6 +48,9 @@ from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_
 
 RUNS = ROOT / "multirun" / "study"
 RECORD = ROOT / "docs" / "study" / "runs"  # committed: each finished run's record, plans, phase times, launches
+# scripts/bench_bernoulli.py's measurement: a training step's time with trainer/bernoulli.py's dropout kernel, as a
+# share of its time with torch's (the record's runs drew their masks with torch's), per task
+KERNEL_BENCH = ROOT / "docs" / "bench_bernoulli.json"
 BEST = ROOT / "docs" / "study" / "best.json"  # tune's best settings, where the other parts start
 EXTRA: list[str] = []  # overrides added to every run (--extra: smoke tests)
 # trainer.precision of every run ("bf16" / "fp32"; None: the configs' auto): by default the record's, so that a study
@@ -523,10 +527,12 @@ def two_lanes(stages: list[list[float]]) -> float:
     return end
 
 
-def phase_minutes(record: Path) -> tuple[tuple[str, str] | None, list[tuple[str, float | None]], list]:
+def phase_minutes(record: Path, seconds=wall_seconds) -> tuple[tuple[str, str] | None, list[tuple[str, float | None]],
+                                                             list]:
     """(the machine whose pace counts, [(tuning phase, minutes)], [(later phase, minutes)]): each phase's runs in
-    one-core minutes at the pace of the machine that ran most of the record (None where it cannot be counted)."""
-    machine, paced = at_pace(record)
+    one-core minutes at the pace of the machine that ran most of the record (None where it cannot be counted);
+    ``seconds(task, summary)``: a run's seconds, by default its wall seconds."""
+    machine, paced = at_pace(record, seconds=seconds)
 
     def minutes(sweeps: list[str]) -> float | None:
         seconds = [t for sweep in sweeps for t in paced.get(sweep, [])]
@@ -537,21 +543,46 @@ def phase_minutes(record: Path) -> tuple[tuple[str, str] | None, list[tuple[str,
              for task, part, _, *args in LATER])
 
 
-def projection(record: Path) -> list[str]:
+def seconds_with_kernel(step_ratio: dict[str, float], task: str, summary: dict) -> float:
+    """A recorded run's wall seconds had its training steps (train_seconds: the steps alone) taken
+    ``step_ratio[task]`` of their time; its evaluations and start as they were."""
+    wall = summary.get("wall_seconds", 0.0)
+    return wall - min(summary.get("train_seconds", 0.0), wall) * (1 - step_ratio[task])
+
+
+def projection(record: Path, kernel_bench: Path = KERNEL_BENCH) -> list[str]:
     """The report's lines on how long one pass of the study takes: each phase's runs at one machine's pace, and
-    when two lanes taking them in the study's order end."""
+    when two lanes taking them in the study's order end; with ``kernel_bench`` (scripts/bench_bernoulli.py's
+    step ratios), also with the dropout kernel train.py now uses."""
     machine, tuning, later = phase_minutes(record)
     if machine is None or any(m is None for _, m in tuning + later):
         return []
-    end = two_lanes([[m for _, m in tuning], [m for _, m in later]])
-    total = sum(m for _, m in tuning + later)
-    return [f"One pass of this protocol, from the record: each phase's runs in one-core minutes at the pace of the "
-            f"{machine[0]} ({machine[1]}), and when two lanes taking the phases in the study's order (tuning first, "
-            "then the rest) end. The runs alone: each launch's start, the momentum trace and equal time's "
-            "step timing come on top.", "", "| phase | one-core minutes |", "| --- | ---: |",
-            *(f"| {name} | {m:.1f} |" for name, m in tuning + later),
-            f"| all runs | {total:.1f} |", f"| **two lanes, start to end** | **{end:.1f}** (half the runs: "
-            f"{total / 2:.1f}) |", ""]
+    columns = [[m for _, m in tuning + later]]
+    bench = json.loads(kernel_bench.read_text()) if kernel_bench.exists() else None
+    if bench is not None:
+        _, tuning_k, later_k = phase_minutes(record, functools.partial(seconds_with_kernel, bench["step_ratio"]))
+        columns.append([m for _, m in tuning_k + later_k])
+    ends = [two_lanes([column[:len(tuning)], column[len(tuning):]]) for column in columns]
+    lines = [f"One pass of this protocol, from the record: each phase's runs in one-core minutes at the pace of the "
+             f"{machine[0]} ({machine[1]}), and when two lanes taking the phases in the study's order (tuning first, "
+             "then the rest) end. The runs alone: each launch's start, the momentum trace and equal time's "
+             "step timing come on top."]
+    if bench is not None:
+        lines[0] += (" The record's runs drew their dropout masks with torch's own kernel; train.py now draws the "
+                     "same masks with trainer/bernoulli.py's. The last column takes each run's training steps at "
+                     f"the step-time ratio `scripts/bench_bernoulli.py` measured ({bench['cpu']}, {bench['precision']}"
+                     "; " + ", ".join(f"{task} {r:.3f}" for task, r in bench["step_ratio"].items()) +
+                     "), its evaluations and start as recorded.")
+    header = ["phase", "one-core minutes"] + (["with the dropout kernel"] if bench is not None else [])
+    lines += ["", "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    names = [name for name, _ in tuning + later]
+    lines += ["| " + " | ".join([name, *(f"{column[i]:.1f}" for column in columns)]) + " |"
+              for i, name in enumerate(names)]
+    lines += ["| all runs | " + " | ".join(f"{sum(column):.1f}" for column in columns) + " |",
+              "| **two lanes, start to end** | " + " | ".join(
+                  f"**{end:.1f}** (half the runs: {sum(column) / 2:.1f})" for end, column in zip(ends, columns)) + " |",
+              ""]
+    return lines
 
 
 def _phase_name(task: str, part: str, args: tuple) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from scripts.bench_loop import compose
+from trainer import bernoulli
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 150
@@ -145,6 +146,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "multirun" / "study" / "momentum.json")
     args = parser.parse_args()
+    bernoulli.enable()  # as train.py: the same dropout masks, sooner
     result = run(args.out)
     for t in result["traces"]:
         last = t["steps"][-1]

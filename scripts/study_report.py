@@ -370,24 +370,30 @@ def _recorded(runs: Path, sweeps: tuple[str, ...] = ("*",), key: str = "cpu") ->
     return sorted(n for n in names if n)
 
 
-def _timed_runs(runs: Path) -> dict[tuple[str, str], list[tuple[str, tuple, float]]]:
-    """Per machine (CPU, precision): each finished run's (sweep, kind: task, steps, width, wall seconds)."""
+def wall_seconds(task: str, summary: dict) -> float:
+    return summary.get("wall_seconds", 0.0)
+
+
+def _timed_runs(runs: Path, seconds=wall_seconds) -> dict[tuple[str, str], list[tuple[str, tuple, float]]]:
+    """Per machine (CPU, precision): each finished run's (sweep, kind: task, steps, width, ``seconds(task,
+    summary)``, by default its wall seconds)."""
     runs_of: dict[tuple[str, str], list[tuple[str, tuple, float]]] = {}
     for sweep in sorted(p for p in runs.iterdir() if p.is_dir()) if runs.is_dir() else []:
         for job in _jobs(runs, sweep.name):
             if job.summary is None:
                 continue
-            kind = (sweep.name.split("_")[0], job.config.get("trainer", {}).get("max_steps"),
-                    job.config.get("model", {}).get("d_model"))
-            runs_of.setdefault(_machine(job.summary), []).append(
-                (sweep.name, kind, job.summary.get("wall_seconds", 0.0)))
+            task = sweep.name.split("_")[0]
+            kind = (task, job.config.get("trainer", {}).get("max_steps"), job.config.get("model", {}).get("d_model"))
+            runs_of.setdefault(_machine(job.summary), []).append((sweep.name, kind, seconds(task, job.summary)))
     return runs_of
 
 
-def at_pace(runs: Path, machine: tuple[str, str] | None = None) -> tuple[tuple[str, str] | None, dict[str, list]]:
-    """Every run's wall seconds at one machine's pace (default: the one that ran the most runs), by sweep: its own
-    where it ran there, else the median of that machine's runs of its kind (None where it ran none of the kind)."""
-    runs_of = _timed_runs(runs)
+def at_pace(runs: Path, machine: tuple[str, str] | None = None,
+            seconds=wall_seconds) -> tuple[tuple[str, str] | None, dict[str, list]]:
+    """Every run's wall seconds (or ``seconds(task, summary)``) at one machine's pace (default: the one that ran
+    the most runs), by sweep: its own where it ran there, else the median of that machine's runs of its kind
+    (None where it ran none of the kind)."""
+    runs_of = _timed_runs(runs, seconds)
     if machine is None:
         machine = max(runs_of, key=lambda m: len(runs_of[m]), default=None)
     return machine, _paced(runs_of, machine)

@@ -53,14 +53,14 @@ def _flags() -> list[str]:
     return flags
 
 
-def _extension_name(source: bytes, flags: list[str]) -> str:
+def _extension_name(source: bytes, flags: list[str], prefix: str = "sm3_fused_cpu") -> str:
     """The extension's name, and so its build directory, from what the binary depends on: this
     CPU, the source's content, the flags, torch and Python. Never the source's path: every
     checkout and installed copy on a machine shares one build (keyed by path, each rebuilt it
     when another had run, ~40 s)."""
     key = b"\0".join([source, " ".join(flags).encode(), torch.__version__.encode(),
                       sys.implementation.cache_tag.encode()])
-    return f"sm3_fused_cpu_{_cpu_tag()}_{hashlib.sha1(key).hexdigest()[:10]}"
+    return f"{prefix}_{_cpu_tag()}_{hashlib.sha1(key).hexdigest()[:10]}"
 
 
 class _NoCudaNotice(logging.Filter):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -156,3 +157,16 @@ def test_bench_loop_measures_both_loops(tmp_path):
              and "---" not in line]
     assert len(rates) == 2 and all(rate > 0 for rate in rates)
     assert "overhead" in table and "%" in table
+
+
+@pytest.mark.slow
+def test_bench_bernoulli_end_to_end(tmp_path):
+    """Both tasks' runs step with torch's masks and the kernel's, with identical losses (the script stops
+    otherwise), and the .json the study's report reads has a step ratio per task."""
+    out = tmp_path / "bench.md"
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_bernoulli.py"), "--rounds", "2",
+                             "--steps", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "| mt | float32 | 4 |" in out.read_text() or "| mt | bf16 autocast | 4 |" in out.read_text()
+    ratios = json.loads(out.with_suffix(".json").read_text())["step_ratio"]
+    assert set(ratios) == {"mt", "lm"} and all(0 < r < 2 for r in ratios.values())

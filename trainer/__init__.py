@@ -9,6 +9,7 @@
     trained      a trained run's checkpoint and model, to use (scripts/translate.py, sample.py, trainer.init_from)
     runlog       RunLog: config.yaml, metrics.jsonl, summary.json and Weights & Biases
     distributed  device, torchrun / SLURM process groups, FSDP sharding, collectives
+    bernoulli    torch's CPU dropout masks, drawn ~10x faster by a C++ kernel (the same masks)
     preemption   Preemption: SIGTERM / SIGINT become a checkpoint and a requeue exit status
     errors       the exceptions that become one `error:` line and an exit status
 """
