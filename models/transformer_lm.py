@@ -27,6 +27,7 @@ class TransformerLM(nn.Module):
             x = block(x, causal=True)
         return self.embedding.logits(self.norm(x))
 
-    def loss(self, input: Tensor, target: Tensor, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
-        """(summed label-smoothed cross-entropy, summed negative log-likelihood) over non-pad targets."""
+    def loss(self, input: Tensor, target: Tensor, label_smoothing: float = 0.0) -> Tensor:
+        """Summed label-smoothed cross-entropy over non-pad targets (``sequence_loss``; label_smoothing 0: the
+        negative log-likelihood)."""
         return sequence_loss(self(input), target, self.pad_id, label_smoothing)

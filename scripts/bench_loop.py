@@ -58,7 +58,7 @@ def bare_loop(cfg, steps: int) -> list[float]:
         batch = batches[index]
         index += 1
         optimizer.zero_grad(set_to_none=True)
-        loss, _ = sequence_loss(model(batch.src, batch.tgt_in), batch.tgt_out, model.pad_id,
+        loss = sequence_loss(model(batch.src, batch.tgt_in), batch.tgt_out, model.pad_id,
                                 cfg.model.label_smoothing)
         (loss / batch.num_tokens).backward()
         optimizer.step()

@@ -48,9 +48,9 @@ from scripts.study_protocol import (BETA_LR_DIVISORS, BETAS, EQUAL_MEMORY, GRID_
 
 RUNS = ROOT / "multirun" / "study"
 RECORD = ROOT / "docs" / "study" / "runs"  # committed: each finished run's record, plans, phase times, launches
-# scripts/bench_bernoulli.py's measurement: a training step's time with trainer/bernoulli.py's dropout kernel, as a
-# share of its time with torch's (the record's runs drew their masks with torch's), per task
-KERNEL_BENCH = ROOT / "docs" / "bench_bernoulli.json"
+# scripts/bench_study_step.py's measurement, per task: train.py's training step now, as a share of the step the
+# record's runs took (the same numbers: since then, dropout masks from trainer/bernoulli.py and no discarded NLL)
+STEP_BENCH = ROOT / "docs" / "bench_study_step.json"
 BEST = ROOT / "docs" / "study" / "best.json"  # tune's best settings, where the other parts start
 EXTRA: list[str] = []  # overrides added to every run (--extra: smoke tests)
 # trainer.precision of every run ("bf16" / "fp32"; None: the configs' auto): by default the record's, so that a study
@@ -543,24 +543,24 @@ def phase_minutes(record: Path, seconds=wall_seconds) -> tuple[tuple[str, str] |
              for task, part, _, *args in LATER])
 
 
-def seconds_with_kernel(step_ratio: dict[str, float], task: str, summary: dict) -> float:
+def seconds_now(step_ratio: dict[str, float], task: str, summary: dict) -> float:
     """A recorded run's wall seconds had its training steps (train_seconds: the steps alone) taken
     ``step_ratio[task]`` of their time; its evaluations and start as they were."""
     wall = summary.get("wall_seconds", 0.0)
     return wall - min(summary.get("train_seconds", 0.0), wall) * (1 - step_ratio[task])
 
 
-def projection(record: Path, kernel_bench: Path = KERNEL_BENCH) -> list[str]:
+def projection(record: Path, step_bench: Path = STEP_BENCH) -> list[str]:
     """The report's lines on how long one pass of the study takes: each phase's runs at one machine's pace, and
-    when two lanes taking them in the study's order end; with ``kernel_bench`` (scripts/bench_bernoulli.py's
-    step ratios), also with the dropout kernel train.py now uses."""
+    when two lanes taking them in the study's order end; with ``step_bench`` (scripts/bench_study_step.py's
+    step ratios), also with train.py's step as it is now."""
     machine, tuning, later = phase_minutes(record)
     if machine is None or any(m is None for _, m in tuning + later):
         return []
     columns = [[m for _, m in tuning + later]]
-    bench = json.loads(kernel_bench.read_text()) if kernel_bench.exists() else None
+    bench = json.loads(step_bench.read_text()) if step_bench.exists() else None
     if bench is not None:
-        _, tuning_k, later_k = phase_minutes(record, functools.partial(seconds_with_kernel, bench["step_ratio"]))
+        _, tuning_k, later_k = phase_minutes(record, functools.partial(seconds_now, bench["step_ratio"]))
         columns.append([m for _, m in tuning_k + later_k])
     ends = [two_lanes([column[:len(tuning)], column[len(tuning):]]) for column in columns]
     lines = [f"One pass of this protocol, from the record: each phase's runs in one-core minutes at the pace of the "
@@ -568,12 +568,13 @@ def projection(record: Path, kernel_bench: Path = KERNEL_BENCH) -> list[str]:
              "then the rest) end. The runs alone: each launch's start, the momentum trace and equal time's "
              "step timing come on top."]
     if bench is not None:
-        lines[0] += (" The record's runs drew their dropout masks with torch's own kernel; train.py now draws the "
-                     "same masks with trainer/bernoulli.py's. The last column takes each run's training steps at "
-                     f"the step-time ratio `scripts/bench_bernoulli.py` measured ({bench['cpu']}, {bench['precision']}"
+        lines[0] += (" Since the record's runs, train.py's step has become faster without changing a number: "
+                     "dropout masks from trainer/bernoulli.py's kernel (torch's own draws), and no discarded "
+                     "log-likelihood beside the training loss. The last column takes each run's training steps at "
+                     f"the step-time ratio `scripts/bench_study_step.py` measured ({bench['cpu']}, {bench['precision']}"
                      "; " + ", ".join(f"{task} {r:.3f}" for task, r in bench["step_ratio"].items()) +
                      "), its evaluations and start as recorded.")
-    header = ["phase", "one-core minutes"] + (["with the dropout kernel"] if bench is not None else [])
+    header = ["phase", "one-core minutes"] + (["with today's step"] if bench is not None else [])
     lines += ["", "| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
     names = [name for name, _ in tuning + later]
     lines += ["| " + " | ".join([name, *(f"{column[i]:.1f}" for column in columns)]) + " |"

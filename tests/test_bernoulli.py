@@ -65,13 +65,14 @@ def test_a_probability_outside_0_1_raises_torchs_error(p):
         torch.empty(5).bernoulli_(p)
 
 
-def test_dropout_in_a_training_step_gives_the_same_losses(tmp_path, tiny):
-    from scripts.bench_bernoulli import Runner
+def test_training_steps_as_the_studys_record_took_them_and_as_now_give_the_same_numbers(tmp_path, tiny):
+    """torch's masks and the discarded log-likelihood (the record's runs) against the kernel's masks and none."""
+    from scripts.bench_study_step import Runner
 
-    runs = {fast: Runner([*tiny, "model.dropout=0.3"], tmp_path / str(fast)) for fast in (False, True)}
+    runs = {record: Runner([*tiny, "model.dropout=0.3"], tmp_path / str(record)) for record in (True, False)}
     for _ in range(2):
-        for fast, runner in runs.items():
-            runner.steps(2, fast)
+        for record, runner in runs.items():
+            runner.steps(2, record)
     assert runs[False].losses == runs[True].losses
     weights = [dict(r.run.model.named_parameters()) for r in runs.values()]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

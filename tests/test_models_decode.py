@@ -18,7 +18,7 @@ def _model(pre_norm: bool) -> Transformer:
     for _ in range(150):
         src = torch.randint(4, 50, (32, 8))
         tgt = torch.cat([torch.full((32, 1), 2), src.flip(1), torch.full((32, 1), 3)], dim=1)
-        loss = model.loss(src, tgt[:, :-1], tgt[:, 1:])[0] / tgt[:, 1:].numel()
+        loss = model.loss(src, tgt[:, :-1], tgt[:, 1:]) / tgt[:, 1:].numel()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

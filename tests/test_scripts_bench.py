@@ -160,11 +160,11 @@ def test_bench_loop_measures_both_loops(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_bernoulli_end_to_end(tmp_path):
-    """Both tasks' runs step with torch's masks and the kernel's, with identical losses (the script stops
-    otherwise), and the .json the study's report reads has a step ratio per task."""
+def test_bench_study_step_end_to_end(tmp_path):
+    """Both tasks' runs step as the record's runs did and as train.py does now, with identical losses (the
+    script stops otherwise), and the .json the study's report reads has a step ratio per task."""
     out = tmp_path / "bench.md"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_bernoulli.py"), "--rounds", "2",
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench_study_step.py"), "--rounds", "2",
                              "--steps", "1", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| mt | float32 | 4 |" in out.read_text() or "| mt | bf16 autocast | 4 |" in out.read_text()

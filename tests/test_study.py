@@ -231,12 +231,12 @@ def test_the_later_parts_are_ordered_so_two_lanes_finish_together():
     assert study.two_lanes([[3, 2, 2, 1], [4, 4]]) == 4 + 4 and study.two_lanes([[5, 1, 1]]) == 5
 
 
-def test_the_projection_takes_the_runs_training_steps_at_the_kernels_step_ratio(tmp_path):
-    """The report's one-pass estimate with trainer/bernoulli.py: each recorded run's steps (train_seconds) at the
-    step ratio scripts/bench_bernoulli.py measured, its evaluations and start as recorded."""
-    assert study.seconds_with_kernel({"mt": 0.5}, "mt", {"wall_seconds": 100.0, "train_seconds": 80.0}) == 60.0
+def test_the_projection_takes_the_runs_training_steps_at_the_measured_step_ratio(tmp_path):
+    """The report's one-pass estimate with train.py's step as it is now: each recorded run's steps (train_seconds) at the
+    step ratio scripts/bench_study_step.py measured, its evaluations and start as recorded."""
+    assert study.seconds_now({"mt": 0.5}, "mt", {"wall_seconds": 100.0, "train_seconds": 80.0}) == 60.0
     # a resumed run: train_seconds counts every session, wall_seconds the last
-    assert study.seconds_with_kernel({"mt": 0.5}, "mt", {"wall_seconds": 100.0, "train_seconds": 150.0}) == 50.0
+    assert study.seconds_now({"mt": 0.5}, "mt", {"wall_seconds": 100.0, "train_seconds": 150.0}) == 50.0
     ends = {}
     for ratio in (1.0, 0.5):
         bench = tmp_path / f"{ratio}.json"
@@ -245,7 +245,7 @@ def test_the_projection_takes_the_runs_training_steps_at_the_kernels_step_ratio(
         ends[ratio] = [float(x) for x in re.findall(r"\*\*([\d.]+)\*\*", row)]
     assert ends[1.0][0] == ends[1.0][1] == ends[0.5][0]  # ratio 1: the record's own times
     assert ends[0.5][0] / 2 < ends[0.5][1] < ends[0.5][0] * 0.6  # the steps at half, evaluation and start as they were
-    assert "with the dropout kernel" not in "\n".join(study.projection(study.RECORD, tmp_path / "none.json"))
+    assert "with today's step" not in "\n".join(study.projection(study.RECORD, tmp_path / "none.json"))
 
 
 def test_equal_memory_budget_is_what_adams_run_holds():

@@ -2,7 +2,7 @@
 
 torch's CPU ``Tensor.bernoulli_(p)``, which every dropout layer (and attention's dropout) calls for
 its mask, draws one element at a time. On one core it was 22% of the study's training step
-(docs/bench_bernoulli.md). ``enable()`` builds the kernel (once per machine and torch, cached like
+(docs/bench_study_step.md). ``enable()`` builds the kernel (once per machine and torch, cached like
 sm3's fused kernel), checks on this torch that it gives torch's own masks and leaves the generator
 where torch's leaves it, and only then routes ``aten::bernoulli_.float`` on CPU to it: a run gives
 the same numbers either way, sooner. ``SM3_DISABLE_NATIVE=1`` keeps torch's kernel.
@@ -43,7 +43,7 @@ def _load() -> bool:
             _loaded = False
             if not os.environ.get("SM3_DISABLE_NATIVE"):
                 reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-                warnings.warn(f"the fast CPU dropout kernel could not be built ({reason[:200]}); using torch's",
+                warnings.warn(f"the CPU dropout-mask kernel could not be built ({reason[:200]}); using torch's",
                               RuntimeWarning, stacklevel=3)
     return _loaded
 
@@ -74,7 +74,7 @@ def enable() -> bool:
     if all(torch.equal(a, b) for a, b in zip(expected[0] + [expected[1]], got[0] + [got[1]])):
         return True
     _set(False)
-    warnings.warn(f"the fast CPU dropout kernel draws differently from torch {torch.__version__}'s; using torch's",
+    warnings.warn(f"the CPU dropout-mask kernel draws differently from torch {torch.__version__}'s; using torch's",
                   RuntimeWarning, stacklevel=2)
     return False
 

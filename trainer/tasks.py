@@ -40,7 +40,7 @@ class Task:
     def train_loss(self, net, batch) -> torch.Tensor:
         """Label-smoothed cross-entropy per target token. ``net`` may be a DDP wrapper of the model."""
         logits, target = self._forward(net, batch)
-        loss, _ = sequence_loss(logits, target, self.tokenizer.pad_id, self.cfg.model.label_smoothing)
+        loss = sequence_loss(logits, target, self.tokenizer.pad_id, self.cfg.model.label_smoothing)
         return loss / batch.num_tokens
 
     @torch.no_grad()
@@ -109,7 +109,7 @@ class TranslationTask(Task):
         return net(batch.src, batch.tgt_in), batch.tgt_out
 
     def _eval_batch(self, model, batch, split, outputs):
-        _, nll = model.loss(batch.src, batch.tgt_in, batch.tgt_out)
+        nll = model.loss(batch.src, batch.tgt_in, batch.tgt_out)
         trainer = self.cfg.trainer
         max_len = decode_length(batch.src.shape[1], trainer.eval_max_len)
         ids = model.generate(batch.src, self.tokenizer.bos_id, self.tokenizer.eos_id, max_len,
@@ -137,7 +137,7 @@ class LanguageModelTask(Task):
         return net(batch.input), batch.target
 
     def _eval_batch(self, model, batch, split, outputs):
-        return model.loss(batch.input, batch.target)[1]
+        return model.loss(batch.input, batch.target)
 
     def fsdp_blocks(self, model):
         return list(model.blocks)
