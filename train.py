@@ -416,6 +416,9 @@ def finish(run: Run, started: float) -> float:
         "device": str(run.device),
         "precision": precision_name(run.autocast),
         "cpu": cpu_description(),  # what the seconds above were measured on
+        # dropout masks from trainer/bernoulli.py's kernel (the same masks as torch's, sooner); runs before it,
+        # which lack the key, also computed a log-likelihood they threw away (scripts/bench_study_step.py)
+        "dropout_kernel": bernoulli.enabled(),
         **({"examples": examples} if examples else {}),  # a decoded sentence per split (translation)
     }
     path = run.log.write_summary(summary)

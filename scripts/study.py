@@ -545,8 +545,11 @@ def phase_minutes(record: Path, seconds=wall_seconds) -> tuple[tuple[str, str] |
 
 def seconds_now(step_ratio: dict[str, float], task: str, summary: dict) -> float:
     """A recorded run's wall seconds had its training steps (train_seconds: the steps alone) taken
-    ``step_ratio[task]`` of their time; its evaluations and start as they were."""
+    ``step_ratio[task]`` of their time, its evaluations and start as they were; a run that already stepped as
+    train.py steps now (its summary says ``dropout_kernel``) as it is."""
     wall = summary.get("wall_seconds", 0.0)
+    if "dropout_kernel" in summary:
+        return wall
     return wall - min(summary.get("train_seconds", 0.0), wall) * (1 - step_ratio[task])
 
 
@@ -562,6 +565,8 @@ def projection(record: Path, step_bench: Path = STEP_BENCH) -> list[str]:
     if bench is not None:
         _, tuning_k, later_k = phase_minutes(record, functools.partial(seconds_now, bench["step_ratio"]))
         columns.append([m for _, m in tuning_k + later_k])
+        if columns[1] == columns[0]:  # every run already stepped as now
+            bench, columns = None, columns[:1]
     ends = [two_lanes([column[:len(tuning)], column[len(tuning):]]) for column in columns]
     lines = [f"One pass of this protocol, from the record: each phase's runs in one-core minutes at the pace of the "
              f"{machine[0]} ({machine[1]}), and when two lanes taking the phases in the study's order (tuning first, "

@@ -3,6 +3,8 @@ masks, the same generator state afterwards, the same errors, and a training step
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -58,6 +60,16 @@ def test_a_non_contiguous_tensor_goes_to_torchs_kernel():
     assert torch.equal(got, expected) and torch.equal(state, expected_state)
 
 
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.float8_e4m3fn])
+def test_a_dtype_torch_cannot_draw_raises_torchs_error(dtype):
+    bernoulli.disable()
+    with pytest.raises(Exception) as torchs:
+        torch.empty(5, dtype=dtype).bernoulli_(0.5)
+    bernoulli.enable()
+    with pytest.raises(type(torchs.value), match=re.escape(str(torchs.value).splitlines()[0])):
+        torch.empty(5, dtype=dtype).bernoulli_(0.5)
+
+
 @pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
 def test_a_probability_outside_0_1_raises_torchs_error(p):
     bernoulli.enable()
@@ -81,5 +93,7 @@ def test_training_steps_as_the_studys_record_took_them_and_as_now_give_the_same_
 def test_enable_keeps_torchs_kernel_when_the_kernel_draws_differently(monkeypatch):
     draws = iter([([torch.zeros(3)], torch.zeros(2)), ([torch.ones(3)], torch.zeros(2))])
     monkeypatch.setattr(bernoulli, "_draws", lambda seed: next(draws))
+    monkeypatch.setattr(bernoulli, "_agreed", None)  # check again
     with pytest.warns(RuntimeWarning, match="draws differently"):
         assert not bernoulli.enable()
+    assert not bernoulli.enable()  # checked once: no second warning, still torch's

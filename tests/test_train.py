@@ -104,6 +104,7 @@ def test_end_to_end_run_directory_and_exact_resume(tmp_path, tiny, train_cli, me
                 "train_seconds", "vocab_size", "parameters"):
         assert key in summary, key
     assert summary["step"] == 6 and math.isfinite(summary["valid_loss"])
+    assert summary["dropout_kernel"] is True  # a CPU run draws its dropout masks with trainer/bernoulli.py's kernel
     records = metrics(straight)
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert all({"step", "loss", "lr"} <= r.keys() for r in records if "loss" in r)

@@ -1,7 +1,7 @@
 """Dropout masks on the CPU as torch draws them, ~10x faster: ``trainer/csrc/bernoulli.cpp``.
 
 torch's CPU ``Tensor.bernoulli_(p)``, which every dropout layer (and attention's dropout) calls for
-its mask, draws one element at a time. On one core it was 22% of the study's training step
+its mask, draws one element at a time. On one core it was about a fifth of the study's training step
 (docs/bench_study_step.md). ``enable()`` builds the kernel (once per machine and torch, cached like
 sm3's fused kernel), checks on this torch that it gives torch's own masks and leaves the generator
 where torch's leaves it, and only then routes ``aten::bernoulli_.float`` on CPU to it: a run gives
@@ -19,6 +19,8 @@ import torch
 _SOURCE = Path(__file__).parent / "csrc" / "bernoulli.cpp"
 _FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512"]
 _loaded: bool | None = None  # None: not tried yet
+_agreed: bool | None = None  # None: not checked yet
+_on = False  # whether CPU bernoulli_(p) goes to the kernel now
 
 
 def _load() -> bool:
@@ -49,9 +51,11 @@ def _load() -> bool:
 
 
 def _set(on: bool) -> bool:
+    global _on
     with warnings.catch_warnings():  # "Overriding a previously registered kernel": that is the point
         warnings.simplefilter("ignore")
-        return torch.ops.fast_bernoulli.set_enabled(on)
+        _on = torch.ops.fast_bernoulli.set_enabled(on)
+    return _on
 
 
 def _draws(seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -63,20 +67,30 @@ def _draws(seed: int) -> tuple[list[torch.Tensor], torch.Tensor]:
     return masks, generator.get_state()
 
 
+def _agrees() -> bool:
+    """Whether the kernel draws what torch's kernel draws, on this torch (checked once a process)."""
+    global _agreed
+    if _agreed is None:
+        _set(False)
+        expected = _draws(1234)
+        _set(True)
+        got = _draws(1234)
+        _set(False)
+        _agreed = all(torch.equal(a, b) for a, b in zip(expected[0] + [expected[1]], got[0] + [got[1]]))
+        if not _agreed:
+            warnings.warn(f"the CPU dropout-mask kernel draws differently from torch {torch.__version__}'s; using "
+                          "torch's", RuntimeWarning, stacklevel=3)
+    return _agreed
+
+
 def enable() -> bool:
     """Route CPU ``bernoulli_(p)`` to the kernel, if it builds and agrees with torch's here; whether it does."""
-    if not _load():
-        return False
-    _set(False)
-    expected = _draws(1234)
-    _set(True)
-    got = _draws(1234)
-    if all(torch.equal(a, b) for a, b in zip(expected[0] + [expected[1]], got[0] + [got[1]])):
-        return True
-    _set(False)
-    warnings.warn(f"the CPU dropout-mask kernel draws differently from torch {torch.__version__}'s; using torch's",
-                  RuntimeWarning, stacklevel=2)
-    return False
+    return _load() and _agrees() and _set(True)
+
+
+def enabled() -> bool:
+    """Whether CPU ``bernoulli_(p)`` goes to the kernel now."""
+    return _on
 
 
 def disable() -> None:

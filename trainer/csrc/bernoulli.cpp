@@ -4,7 +4,7 @@
 // the mask is a vectorisable integer comparison. Each element still takes one 64-bit draw (two 32-bit
 // outputs, the first the high word) of the same generator, kept as its low 53 bits x, and is 1 where
 // x * 2^-53 < p, which is x < ceil(p * 2^53): the same masks and the same generator state afterwards.
-// What this does not cover (a non-contiguous tensor, p outside [0, 1]) goes to torch's own kernel.
+// What this does not cover (a non-contiguous tensor, p outside [0, 1], another dtype) goes to torch's own kernel.
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/MT19937RNGEngine.h>
@@ -66,8 +66,19 @@ void mask(T* __restrict out, const uint32_t* __restrict words, int64_t n, uint64
   }
 }
 
+// The dtypes torch's kernel draws for (what AT_DISPATCH_ALL_TYPES_AND3 below covers); others get its error.
+bool drawable(at::ScalarType t) {
+  switch (t) {
+    case at::kByte: case at::kChar: case at::kShort: case at::kInt: case at::kLong: case at::kFloat:
+    case at::kDouble: case at::kBool: case at::kBFloat16: case at::kHalf:
+      return true;
+    default:
+      return false;
+  }
+}
+
 at::Tensor& bernoulli_(at::Tensor& self, double p, std::optional<at::Generator> gen) {
-  if (!(p >= 0.0 && p <= 1.0) || !self.is_contiguous() || self.numel() == 0) {
+  if (!(p >= 0.0 && p <= 1.0) || !self.is_contiguous() || self.numel() == 0 || !drawable(self.scalar_type())) {
     return at::native::bernoulli_(self, p, std::move(gen));
   }
   auto* generator = at::get_generator_or_default<at::CPUGeneratorImpl>(gen, at::detail::getDefaultCPUGenerator());
